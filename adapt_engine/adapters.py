@@ -1,0 +1,195 @@
+"""The one place where model-family differences live.
+
+Every supported family (Llama incl. Llama-3.x and SmolLM2, Mistral, Qwen2/2.5, Qwen3) has the same
+decoder skeleton in transformers: ``model.model.layers[i].self_attn.{q,k,v,o}_proj`` and
+``.mlp.{gate,up,down}_proj``. What differs is recorded in a :class:`FamilySpec`: which projections
+carry biases (Qwen2), whether per-head q/k norms exist (Qwen3; shared across heads, never sliced), and
+which transformers modules hold the config and model classes (needed to write reloadable remote code).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """Raised for a model whose family the engine cannot prune."""
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What the engine needs to know about one model family."""
+
+    model_type: str
+    config_module: str
+    config_class: str
+    modeling_module: str
+    causal_lm_class: str
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    spec.model_type: spec
+    for spec in (
+        FamilySpec("llama", "transformers.models.llama.configuration_llama", "LlamaConfig",
+                   "transformers.models.llama.modeling_llama", "LlamaForCausalLM"),
+        FamilySpec("mistral", "transformers.models.mistral.configuration_mistral", "MistralConfig",
+                   "transformers.models.mistral.modeling_mistral", "MistralForCausalLM"),
+        FamilySpec("qwen2", "transformers.models.qwen2.configuration_qwen2", "Qwen2Config",
+                   "transformers.models.qwen2.modeling_qwen2", "Qwen2ForCausalLM"),
+        FamilySpec("qwen3", "transformers.models.qwen3.configuration_qwen3", "Qwen3Config",
+                   "transformers.models.qwen3.modeling_qwen3", "Qwen3ForCausalLM"),
+    )
+}
+
+# Per-layer shape lists written into config.json of a pruned model (read by remote/ code too).
+LAYER_HEADS_KEY = "layer_num_attention_heads"
+LAYER_KV_HEADS_KEY = "layer_num_key_value_heads"
+LAYER_MLP_KEY = "layer_intermediate_sizes"
+PRUNED_PREFIX = "adapt_pruned_"
+
+
+def base_model_type(config) -> str:
+    """The family name of a config, seeing through our ``adapt_pruned_<family>`` wrapper."""
+    model_type = getattr(config, "model_type", "")
+    if model_type.startswith(PRUNED_PREFIX):
+        return model_type[len(PRUNED_PREFIX):]
+    return getattr(config, "adapt_base_model_type", None) or model_type
+
+
+def family_of(config) -> FamilySpec:
+    """The :class:`FamilySpec` of a config, or a clear error naming the supported families."""
+    model_type = base_model_type(config)
+    if model_type not in FAMILIES:
+        raise UnsupportedModelError(
+            f"model type '{model_type}' is not supported; adapt-engine prunes these decoder families: "
+            f"{', '.join(sorted(FAMILIES))}. Convert the model to one of them or open an issue."
+        )
+    return FAMILIES[model_type]
+
+
+@dataclass
+class LayerShape:
+    """Widths of one decoder layer."""
+
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+
+
+class DecoderAdapter:
+    """Uniform access to the prunable parts of a supported causal LM."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+        self.family = family_of(self.config)
+        inner = getattr(model, "model", None)
+        layers = getattr(inner, "layers", None)
+        if layers is None:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has no 'model.layers'; pass a *ForCausalLM model of a supported family"
+            )
+        self.layers: list[nn.Module] = list(layers)
+        attn = self.layers[0].self_attn
+        self.head_dim: int = attn.head_dim
+        self.hidden_size: int = self.config.hidden_size
+
+    # -- module access -------------------------------------------------------------------------
+    @staticmethod
+    def attention(layer: nn.Module) -> nn.Module:
+        """The self-attention module of a decoder layer."""
+        return layer.self_attn
+
+    @staticmethod
+    def attention_projections(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+        """(q, k, v, o) projections of a layer."""
+        a = layer.self_attn
+        return a.q_proj, a.k_proj, a.v_proj, a.o_proj
+
+    @staticmethod
+    def mlp_projections(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        """(gate, up, down) projections of a layer."""
+        m = layer.mlp
+        return m.gate_proj, m.up_proj, m.down_proj
+
+    # -- shapes ---------------------------------------------------------------------------------
+    def layer_shape(self, index: int) -> LayerShape:
+        """Current widths of layer ``index``, read from the weights themselves."""
+        layer = self.layers[index]
+        q, k, _, _ = self.attention_projections(layer)
+        gate, _, _ = self.mlp_projections(layer)
+        return LayerShape(q.out_features // self.head_dim, k.out_features // self.head_dim, gate.out_features)
+
+    def shapes(self) -> list[LayerShape]:
+        """Widths of every layer."""
+        return [self.layer_shape(i) for i in range(len(self.layers))]
+
+    def sync_layer(self, index: int) -> None:
+        """Make a layer's bookkeeping attributes agree with its (possibly pruned) weights."""
+        layer = self.layers[index]
+        shape = self.layer_shape(index)
+        attn = layer.self_attn
+        q, k, v, o = self.attention_projections(layer)
+        gate, up, down = self.mlp_projections(layer)
+        # Stock attention reshapes with head_dim and repeats KV by num_key_value_groups only.
+        attn.num_key_value_groups = shape.num_heads // shape.num_kv_heads
+        for name, value in (("num_heads", shape.num_heads), ("num_key_value_heads", shape.num_kv_heads)):
+            if hasattr(attn, name):  # older transformers releases keep these on the module
+                setattr(attn, name, value)
+        for lin in (q, k, v, o, gate, up, down):
+            lin.out_features, lin.in_features = lin.weight.shape
+        if hasattr(layer.mlp, "intermediate_size"):
+            layer.mlp.intermediate_size = shape.intermediate_size
+
+    def record_shapes(self) -> None:
+        """Write per-layer widths into the config so that saving and reloading can rebuild them."""
+        shapes = self.shapes()
+        setattr(self.config, LAYER_HEADS_KEY, [s.num_heads for s in shapes])
+        setattr(self.config, LAYER_KV_HEADS_KEY, [s.num_kv_heads for s in shapes])
+        setattr(self.config, LAYER_MLP_KEY, [s.intermediate_size for s in shapes])
+        self.config.adapt_base_model_type = self.family.model_type
+
+    # -- parameter accounting ---------------------------------------------------------------------
+    def attention_params(self, index: int) -> int:
+        """Parameters of the attention projections of one layer (weights and biases)."""
+        return sum(p.numel() for lin in self.attention_projections(self.layers[index]) for p in lin.parameters())
+
+    def mlp_params(self, index: int) -> int:
+        """Parameters of the MLP projections of one layer (weights and biases)."""
+        return sum(p.numel() for lin in self.mlp_projections(self.layers[index]) for p in lin.parameters())
+
+    def prunable_params(self) -> int:
+        """Parameters of every attention and MLP projection (what ``--sparsity`` refers to)."""
+        return sum(self.attention_params(i) + self.mlp_params(i) for i in range(len(self.layers)))
+
+    def params_per_query_head(self, index: int) -> int:
+        """Parameters removed with one query head: its Q rows (+bias) and its O columns."""
+        q, _, _, _ = self.attention_projections(self.layers[index])
+        per = 2 * self.head_dim * self.hidden_size
+        return per + (self.head_dim if q.bias is not None else 0)
+
+    def params_per_kv_head(self, index: int) -> int:
+        """Parameters removed with one KV head alone: its K and V rows (+biases)."""
+        _, k, _, _ = self.attention_projections(self.layers[index])
+        per = 2 * self.head_dim * self.hidden_size
+        return per + (2 * self.head_dim if k.bias is not None else 0)
+
+    def params_per_channel(self, index: int) -> int:
+        """Parameters removed with one MLP channel: gate and up rows, down column (+biases)."""
+        gate, up, down = self.mlp_projections(self.layers[index])
+        per = 3 * self.hidden_size
+        per += sum(1 for lin in (gate, up) if lin.bias is not None)
+        return per
+
+
+def count_params(model: nn.Module) -> int:
+    """Total parameter count, counting tied weights once."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

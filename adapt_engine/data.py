@@ -1,0 +1,132 @@
+"""Text for calibration, training and evaluation, from local files or ``datasets``.
+
+The default corpus is English prose that ships with CPython (``pydoc_data.topics``, ~480 kB), so every
+command works offline. It is split once, deterministically, by topic: ``train`` (calibration and
+training, the first 90 %) and ``heldout`` (evaluation, the last 10 %) never share text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+DEFAULT_DATA = "pydoc"
+SPLITS = ("train", "heldout", "all")
+HELDOUT_FRACTION = 0.10
+TEXT_FIELDS = ("text", "content", "document", "body")
+
+
+class DataError(ValueError):
+    """Raised for missing, unreadable or too-small text data."""
+
+
+def _pydoc_documents() -> list[str]:
+    from pydoc_data import topics
+
+    return [topics.topics[k] for k in sorted(topics.topics)]
+
+
+def _split(docs: list[str], split: str) -> list[str]:
+    if split == "all":
+        return docs
+    cut = len(docs) - max(1, int(round(len(docs) * HELDOUT_FRACTION)))
+    if len(docs) < 2:
+        raise DataError("need at least 2 documents to make a held-out split; pass split 'all' or more text")
+    return docs[:cut] if split == "train" else docs[cut:]
+
+
+def _text_of(record: dict, source: str) -> str:
+    for key in TEXT_FIELDS:
+        if isinstance(record.get(key), str):
+            return record[key]
+    raise DataError(f"{source}: records need a text field (one of {', '.join(TEXT_FIELDS)}); got {sorted(record)}")
+
+
+def _file_documents(path: Path) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".md", ".text"):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        # Blank-line separated paragraphs are the documents.
+        return [p for p in text.split("\n\n") if p.strip()] or [text]
+    if suffix in (".jsonl", ".json"):
+        docs = []
+        with path.open(encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        docs.append(_text_of(json.loads(line), f"{path}:{n}"))
+                    except json.JSONDecodeError as err:
+                        raise DataError(f"{path}:{n} is not valid JSON ({err}); use one JSON object per line") from err
+        return docs
+    if suffix == ".parquet":
+        import datasets
+
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        return [_text_of(r, str(path)) for r in ds]
+    raise DataError(f"{path}: unsupported file type '{suffix}'; use .txt, .jsonl or .parquet")
+
+
+def _hub_documents(name: str) -> list[str]:
+    import datasets
+
+    dataset_name, _, config = name.partition(":")
+    try:
+        ds = datasets.load_dataset(dataset_name, config or None, split="train")
+    except Exception as err:  # noqa: BLE001 - datasets raises many types; the message is what matters
+        raise DataError(
+            f"could not load dataset '{name}' ({type(err).__name__}: {err}). Pass a local .txt/.jsonl/.parquet "
+            f"file, or omit the option to use the built-in offline text."
+        ) from err
+    return [_text_of(r, name) for r in ds]
+
+
+def load_documents(spec: str | None, split: str = "train") -> list[str]:
+    """Documents of a data spec: None/"pydoc" (built-in), a local file or folder, or a datasets name."""
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {SPLITS}, got '{split}'")
+    spec = spec or DEFAULT_DATA
+    if spec == DEFAULT_DATA:
+        docs = _pydoc_documents()
+    elif os.path.exists(spec):
+        path = Path(spec)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        docs = [d for f in files for d in _file_documents(f)]
+    elif spec.endswith((".txt", ".jsonl", ".json", ".parquet")):
+        raise DataError(f"data file '{spec}' does not exist")
+    else:
+        docs = _hub_documents(spec)
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise DataError(f"no text found in '{spec}'")
+    return _split(docs, split)
+
+
+def load_text(spec: str | None, split: str = "train") -> str:
+    """All documents of a data spec joined into one text."""
+    return "\n\n".join(load_documents(spec, split))
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    """One long 1-D stream of token ids (no special tokens; documents are already joined)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """``num_samples`` non-overlapping windows of ``seq_len`` tokens, chosen at random without replacement."""
+    if num_samples < 1 or seq_len < 2:
+        raise DataError(f"need num_samples >= 1 and seq_len >= 2, got {num_samples} and {seq_len}")
+    available = ids.numel() // seq_len
+    if available < num_samples:
+        raise DataError(
+            f"not enough text: {num_samples} samples x {seq_len} tokens need {num_samples * seq_len} tokens, "
+            f"the data has {ids.numel()} ({available} windows). Pass more text, or lower the number of "
+            f"samples or the sequence length."
+        )
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(available, generator=gen)[:num_samples].sort().values
+    windows = ids[: available * seq_len].view(available, seq_len)
+    return windows[chosen].clone()

@@ -1,0 +1,45 @@
+"""Perplexity over non-overlapping windows of held-out text."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, seq_len: int = 512, batch_size: int = 4,
+               max_tokens: int | None = None) -> dict:
+    """Token-weighted perplexity over consecutive non-overlapping ``seq_len`` windows of ``ids``.
+
+    Each window predicts its own tokens 2..L (the first token of a window has no context), so
+    ``tokens`` counts ``windows × (seq_len − 1)``; a trailing partial window shorter than 2 is dropped.
+    """
+    if seq_len < 2:
+        raise ValueError(f"--seq-len must be at least 2, got {seq_len}")
+    ids = ids.flatten()
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if ids.numel() < 2:
+        raise ValueError(f"need at least 2 tokens of text to evaluate, got {ids.numel()}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    windows = [ids[i:i + seq_len] for i in range(0, ids.numel(), seq_len)]
+    windows = [w for w in windows if w.numel() >= 2]
+    nll, count = 0.0, 0
+    # Group equal-length windows into batches (only the last window can be shorter).
+    full = [w for w in windows if w.numel() == seq_len]
+    tail = [w for w in windows if w.numel() != seq_len]
+    batches = [torch.stack(full[i:i + batch_size]) for i in range(0, len(full), batch_size)]
+    batches += [w[None] for w in tail]
+    for batch in batches:
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        nll += float(loss)
+        count += batch[:, 1:].numel()
+    model.train(was_training)
+    return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count}

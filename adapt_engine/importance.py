@@ -1,0 +1,228 @@
+"""Layer importance (how much each decoder layer changes its input) and group saliency.
+
+Both come out of one calibration pass: forward hooks on every decoder layer reduce (input, output)
+to a per-layer similarity on the fly, and post-accumulate-grad hooks reduce every gradient to group
+scores the moment it exists and free it, so the model's full gradient is never held at once
+(the "80 GB for a 7B model" problem of gradient-materialising pruners).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .adapters import DecoderAdapter
+from .groups import GroupScores, Member, group_members
+
+SIMILARITIES = ("cosine", "euclidean", "manhattan")
+IMPORTANCES = ("taylor", "magnitude", "random", "vectorize", "param_mix")
+
+
+def _hidden_in(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _hidden_out(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class LayerSimilarity:
+    """Accumulates, per decoder layer, the mean token-wise change between its input and output."""
+
+    def __init__(self, adapter: DecoderAdapter, similarity: str = "cosine"):
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"--similarity must be one of {', '.join(SIMILARITIES)}, got '{similarity}'")
+        self.similarity = similarity
+        self.adapter = adapter
+        n = len(adapter.layers)
+        self.sums = torch.zeros(n, dtype=torch.float64)
+        self.counts = torch.zeros(n, dtype=torch.float64)
+        self._handles: list = []
+
+    def _hook(self, index: int):
+        def hook(module, args, kwargs, output):
+            with torch.no_grad():
+                x = _hidden_in(args, kwargs).detach().float()
+                y = _hidden_out(output).detach().float()
+                if self.similarity == "cosine":
+                    val = torch.nn.functional.cosine_similarity(x, y, dim=-1)
+                elif self.similarity == "euclidean":
+                    val = (y - x).norm(dim=-1)
+                else:
+                    val = (y - x).abs().sum(-1)
+                self.sums[index] += val.sum().item()
+                self.counts[index] += val.numel()
+
+        return hook
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[LayerSimilarity]:
+        """Forward hooks on every decoder layer while inside the block."""
+        try:
+            for i, layer in enumerate(self.adapter.layers):
+                self._handles.append(layer.register_forward_hook(self._hook(i), with_kwargs=True))
+            yield self
+        finally:
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+
+    def importance(self) -> torch.Tensor:
+        """Raw importance per layer: higher means the layer matters more (−cosine, or a distance)."""
+        if (self.counts == 0).any():
+            raise RuntimeError("layer similarity has no data: run the calibration forward pass first")
+        mean = self.sums / self.counts
+        return -mean if self.similarity == "cosine" else mean
+
+
+def normalize_importance(raw: torch.Tensor) -> torch.Tensor:
+    """Shift to mean 0 and scale to max |I| = 1 (all zeros when every layer is equally important)."""
+    centered = raw - raw.mean()
+    peak = centered.abs().max()
+    if peak <= 0 or not torch.isfinite(peak):
+        return torch.zeros_like(centered)
+    return centered / peak
+
+
+def _score_tensor(
+    weight: torch.Tensor, grad: torch.Tensor | None, member: Member, metric: str, out: torch.Tensor,
+    fisher: torch.Tensor | None = None,
+) -> None:
+    """Add one tensor's saliency into its group bucket (kernels for matrices, torch for biases)."""
+    from .kernels import group_saliency
+
+    if weight.dim() == 1:  # biases: tiny, plain torch
+        w = weight.detach().float()
+        if metric == "magnitude":
+            val = w.abs()
+        elif metric == "vectorize":
+            val = w * grad.float()  # signed; |.| taken once the whole group is summed
+        elif metric == "param_mix":
+            g = grad.float()
+            fisher.add_(g * g)
+            val = (w * g - 0.5 * w * w * fisher).abs()
+        else:
+            val = (w * grad.float()).abs()
+        out.add_(val.view(-1, member.group_size).sum(1))
+        return
+    kw = {"fisher": fisher} if metric == "param_mix" else {}
+    group_saliency(weight.detach(), grad, member.dim, group_size=member.group_size, metric=metric, out=out, **kw)
+
+
+class SaliencyCollector:
+    """Reduces each gradient to group scores as soon as it is accumulated, then frees it."""
+
+    def __init__(self, adapter: DecoderAdapter, metric: str = "taylor"):
+        if metric not in ("taylor", "vectorize", "param_mix"):
+            raise ValueError(f"gradient saliency metric must be taylor, vectorize or param_mix, got '{metric}'")
+        self.adapter = adapter
+        self.metric = metric
+        self.members = group_members(adapter)
+        device = next(adapter.model.parameters()).device
+        self.scores = GroupScores.zeros(adapter, device=device)
+        # 'vectorize' sums w*g signed per micro-batch then takes |.|; param_mix needs a Fisher trace.
+        self._signed: dict[nn.Parameter, torch.Tensor] = {}
+        self._fisher: dict[nn.Parameter, torch.Tensor] = {}
+        self._handles: list = []
+
+    def _hook(self, param: nn.Parameter) -> None:
+        member = self.members[param]
+        out = self.scores.bucket(member.layer, member.bucket)
+        if self.metric == "vectorize":
+            buf = self._signed.setdefault(param, torch.zeros_like(out))
+            _score_tensor(param, param.grad, member, "vectorize", buf)
+        else:
+            fisher = None
+            if self.metric == "param_mix":
+                fisher = self._fisher.setdefault(param, torch.zeros_like(param, dtype=torch.float32))
+            _score_tensor(param, param.grad, member, self.metric, out, fisher=fisher)
+        param.grad = None  # freed at once: the model's gradients never all exist together
+
+    def end_micro_batch(self) -> None:
+        """Close one micro-batch (``vectorize`` turns its signed sums into |.| here)."""
+        if self.metric == "vectorize":
+            for param, buf in self._signed.items():
+                m = self.members[param]
+                self.scores.bucket(m.layer, m.bucket).add_(buf.abs())
+                buf.zero_()
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[SaliencyCollector]:
+        """Gradient hooks on every prunable parameter; everything else is frozen while inside."""
+        model = self.adapter.model
+        saved = {p: p.requires_grad for p in model.parameters()}
+        try:
+            for p in model.parameters():
+                p.requires_grad_(p in self.members)
+            for p in self.members:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+            yield self
+        finally:
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+            for p, flag in saved.items():
+                p.requires_grad_(flag)
+                p.grad = None
+
+
+def magnitude_scores(adapter: DecoderAdapter) -> GroupScores:
+    """Σ|W| per group: the data-free baseline."""
+    members = group_members(adapter)
+    device = next(adapter.model.parameters()).device
+    scores = GroupScores.zeros(adapter, device=device)
+    for p, m in members.items():
+        _score_tensor(p, None, m, "magnitude", scores.bucket(m.layer, m.bucket))
+    return scores
+
+
+def random_scores(adapter: DecoderAdapter, generator: torch.Generator) -> GroupScores:
+    """Uniform random scores: the chance baseline."""
+    scores = GroupScores.zeros(adapter)
+    for t in scores.all_tensors():
+        t.copy_(torch.rand(t.shape, generator=generator))
+    return scores
+
+
+def calibration_pass(
+    adapter: DecoderAdapter,
+    calib_ids: torch.Tensor,
+    batch_size: int,
+    similarity: str | None,
+    saliency_metric: str | None,
+    progress=None,
+) -> tuple[torch.Tensor | None, GroupScores | None, float]:
+    """One pass over the calibration set: raw layer importances, gradient saliency, mean loss.
+
+    ``similarity=None`` skips layer importance; ``saliency_metric=None`` skips the backward pass.
+    """
+    model = adapter.model
+    device = next(model.parameters()).device
+    sim = LayerSimilarity(adapter, similarity) if similarity else None
+    collector = SaliencyCollector(adapter, saliency_metric) if saliency_metric else None
+    was_training = model.training
+    model.eval()  # no dropout: saliency of the deterministic model
+    total_loss, batches = 0.0, 0
+    with contextlib.ExitStack() as stack:
+        if sim is not None:
+            stack.enter_context(sim.attached())
+        if collector is not None:
+            stack.enter_context(collector.attached())
+        else:
+            stack.enter_context(torch.no_grad())
+        for start in range(0, calib_ids.shape[0], batch_size):
+            ids = calib_ids[start:start + batch_size].to(device)
+            out = model(input_ids=ids, labels=ids, use_cache=False)
+            if collector is not None:
+                out.loss.backward()
+                collector.end_micro_batch()
+            total_loss += float(out.loss.detach())
+            batches += 1
+            if progress is not None:
+                progress(ids.shape[0])
+    model.train(was_training)
+    raw = sim.importance() if sim is not None else None
+    return raw, (collector.scores if collector is not None else None), total_loss / max(batches, 1)

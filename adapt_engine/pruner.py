@@ -1,0 +1,197 @@
+"""Adapt-Pruner (Algorithm 1): calibrate → layer importance → per-layer sparsity → group saliency →
+surgery, repeated for T sub-steps until the model reaches its parameter target."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .adapters import DecoderAdapter, count_params
+from .allocation import ALLOCATIONS, budget_shape, plan_budgets, step_targets
+from .groups import ATTENTION_MODES, GroupScores, LayerKeep, choose_attention_keep, choose_mlp_keep
+from .importance import (
+    IMPORTANCES,
+    SIMILARITIES,
+    calibration_pass,
+    magnitude_scores,
+    normalize_importance,
+    random_scores,
+)
+from .surgery import apply_plan
+
+__all__ = ["PruneSettings", "AdaptPruner", "count_params"]
+
+
+@dataclass
+class PruneSettings:
+    """Knobs of Adapt-Pruner (defaults are the paper's)."""
+
+    amplitude: float = 0.02
+    steps: int = 50
+    allocation: str = "adaptive"
+    importance: str = "taylor"
+    similarity: str = "cosine"
+    attention: str = "query"
+    round_to: int = 1
+    calib_batch_size: int = 32
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise a clear error for any out-of-range setting."""
+        checks = [
+            (self.allocation in ALLOCATIONS, f"--allocation must be one of {ALLOCATIONS}"),
+            (self.importance in IMPORTANCES, f"--importance must be one of {IMPORTANCES}"),
+            (self.similarity in SIMILARITIES, f"--similarity must be one of {SIMILARITIES}"),
+            (self.attention in ATTENTION_MODES, f"--attention must be one of {ATTENTION_MODES}"),
+            (self.steps >= 1, "--steps must be at least 1"),
+            (0.0 <= self.amplitude <= 1.0, "--amplitude must be in [0, 1] (paper default 0.02)"),
+            (self.round_to >= 1, "--round-to must be a positive integer (1 = no rounding)"),
+            (self.calib_batch_size >= 1, "--calib-batch-size must be at least 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+
+class AdaptPruner:
+    """Prunes a model in place towards parameter targets, one Algorithm-1 sub-step at a time."""
+
+    def __init__(self, model, settings: PruneSettings, calib_ids: torch.Tensor | None):
+        settings.validate()
+        self.model = model
+        self.settings = settings
+        self.adapter = DecoderAdapter(model)
+        self.calib_ids = calib_ids
+        self.original_shapes = self.adapter.shapes()
+        self.original_prunable = self.adapter.prunable_params()
+        self.original_total = count_params(model)
+        # Parameters that pruning never touches (embeddings, norms, LM head).
+        self.fixed_params = self.original_total - self.original_prunable
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.history: list[dict] = []
+        needs_data = settings.importance in ("taylor", "vectorize", "param_mix") or settings.allocation == "adaptive"
+        if needs_data and (calib_ids is None or calib_ids.numel() == 0):
+            raise ValueError("this importance/allocation needs calibration data; pass calib_ids")
+
+    def min_params(self) -> int:
+        """Smallest reachable size: one attention unit and one MLP channel (or round_to) per layer."""
+        a = self.adapter
+        total = self.fixed_params
+        step = self.settings.round_to
+        for j, s in enumerate(self.original_shapes):
+            kv = s.num_kv_heads if self.settings.attention == "query" else 1
+            q = kv if self.settings.attention == "query" else s.num_heads // s.num_kv_heads
+            total += q * a.params_per_query_head(j) + kv * a.params_per_kv_head(j)
+            total += min(step, s.intermediate_size) * a.params_per_channel(j)
+        return total
+
+    def _scores(self, progress: Callable[[int], None] | None) -> tuple[torch.Tensor, GroupScores, float | None]:
+        s = self.settings
+        adaptive = s.allocation == "adaptive"
+        gradient = s.importance in ("taylor", "vectorize", "param_mix")
+        raw, scores, loss = None, None, None
+        if adaptive or gradient:
+            raw, scores, loss = calibration_pass(
+                self.adapter, self.calib_ids, s.calib_batch_size,
+                s.similarity if adaptive else None, s.importance if gradient else None, progress,
+            )
+        if s.importance == "magnitude":
+            scores = magnitude_scores(self.adapter)
+        elif s.importance == "random":
+            scores = random_scores(self.adapter, self.generator)
+        scores = self._reduce_across_ranks(scores)
+        n = len(self.adapter.layers)
+        if raw is None:
+            raw = torch.zeros(n, dtype=torch.float64)
+        return raw, scores, loss
+
+    @staticmethod
+    def _reduce_across_ranks(scores: GroupScores) -> GroupScores:
+        # Under torchrun every rank sees other data: sum the saliency so all ranks decide identically.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for t in scores.all_tensors():
+                torch.distributed.all_reduce(t)
+        return scores
+
+    def step(self, target_params: int, optimizer=None, group_scores: GroupScores | None = None,
+             progress: Callable[[int], None] | None = None) -> dict:
+        """One sub-step: score, allocate per-layer widths for ``target_params`` total, cut. Returns a record."""
+        t0 = time.perf_counter()
+        s = self.settings
+        if group_scores is not None and s.allocation == "uniform":
+            raw, scores, loss = torch.zeros(len(self.adapter.layers), dtype=torch.float64), group_scores, None
+        elif group_scores is not None:
+            raw, _, loss = calibration_pass(self.adapter, self.calib_ids, s.calib_batch_size, s.similarity,
+                                            None, progress)
+            scores = group_scores
+        else:
+            raw, scores, loss = self._scores(progress)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            raw = raw.to(next(self.model.parameters()).device, torch.float64)
+            torch.distributed.all_reduce(raw)
+            raw = raw.cpu() / torch.distributed.get_world_size()
+        importance = normalize_importance(raw.float()) if s.allocation == "adaptive" else torch.zeros(len(raw))
+        target_prunable = max(0, target_params - self.fixed_params)
+        budgets, sparsity = plan_budgets(
+            self.adapter, self.original_shapes, self.original_prunable, target_prunable,
+            importance, s.amplitude if s.allocation == "adaptive" else 0.0, s.attention, s.round_to,
+        )
+        plan = []
+        for j, budget in enumerate(budgets):
+            cur = self.adapter.layer_shape(j)
+            new = budget_shape(self.original_shapes[j], budget, s.attention)
+            keep = LayerKeep()
+            if new.num_heads < cur.num_heads:
+                units = budget.attention_units
+                keep.q_heads, kv = choose_attention_keep(scores.q_heads[j], scores.kv_heads[j], cur.num_kv_heads,
+                                                         units, s.attention)
+                if new.num_kv_heads < cur.num_kv_heads:
+                    keep.kv_heads = kv
+            if new.intermediate_size < cur.intermediate_size:
+                keep.mlp = choose_mlp_keep(scores.mlp[j], new.intermediate_size)
+            plan.append(keep)
+        apply_plan(self.adapter, plan, optimizer)
+        record = {
+            "target_params": int(target_params),
+            "params": count_params(self.model),
+            "calib_loss": loss,
+            "layer_importance_raw": [float(x) for x in raw],
+            "layer_importance": [float(x) for x in importance],
+            "layer_sparsity": [float(x) for x in sparsity],
+            "widths": [asdict(sh) for sh in self.adapter.shapes()],
+            "seconds": time.perf_counter() - t0,
+        }
+        self.history.append(record)
+        return record
+
+    def prune_to(self, target_params: int, steps: int | None = None, optimizer=None,
+                 group_scores: GroupScores | None = None, progress=None, on_step=None) -> list[dict]:
+        """Shrink the model in place to ``target_params`` total parameters in ``steps`` sub-steps."""
+        steps = steps or self.settings.steps
+        floor = self.min_params()
+        current = count_params(self.model)
+        if target_params < floor:
+            raise ValueError(
+                f"target of {target_params:,} parameters is below the smallest reachable size {floor:,} "
+                f"(one attention unit and one MLP channel per layer, embeddings kept); ask for fewer removed"
+            )
+        if target_params > current:
+            raise ValueError(f"target of {target_params:,} parameters exceeds the current {current:,}; "
+                             f"pruning only removes parameters")
+        records = []
+        for i, target in enumerate(step_targets(current, target_params, steps)):
+            # Precomputed scores (e.g. from training) describe the current shapes: valid for one cut only.
+            rec = self.step(target, optimizer, group_scores if i == 0 else None, progress)
+            records.append(rec)
+            if on_step is not None:
+                on_step(rec)
+        return records
+
+    def target_from_sparsity(self, sparsity: float) -> int:
+        """Total parameter target that removes ``sparsity`` of the original prunable parameters."""
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"--sparsity must be in [0, 1), got {sparsity}")
+        return self.original_total - int(round(sparsity * self.original_prunable))

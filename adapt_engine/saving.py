@@ -1,0 +1,224 @@
+"""Saving pruned models so they reload anywhere, and loading them back.
+
+An output directory holds safetensors weights, a config.json that records every layer's head count,
+KV head count and MLP width, the tokenizer, ``pruning_report.json``, and two small Python files
+(``configuration_adapt_pruned.py``, ``modeling_adapt_pruned.py`` plus ``adapt_pruned_shapes.py``)
+that subclass the stock transformers classes of the model's family. So the model loads with
+
+* ``adapt_engine.load_pruned(path)``, or
+* ``transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` — no edits to
+  installed transformers files, no pickles.
+
+The config's ``model_type`` is ``adapt_pruned_<family>`` so that stock loading without
+``trust_remote_code`` fails loudly instead of building the unpruned shapes. Everything is written to a
+temporary directory beside the target and renamed into place, so a crash never leaves half a model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .adapters import (
+    FAMILIES,
+    LAYER_HEADS_KEY,
+    LAYER_KV_HEADS_KEY,
+    LAYER_MLP_KEY,
+    PRUNED_PREFIX,
+    DecoderAdapter,
+    UnsupportedModelError,
+)
+
+REPORT_NAME = "pruning_report.json"
+SHAPES_FILE = Path(__file__).parent / "remote" / "adapt_pruned_shapes.py"
+
+_CONFIG_TEMPLATE = '''"""Config of an adapt-engine pruned {family} model: the stock config plus per-layer widths."""
+
+from {config_module} import {config_class}
+
+
+class AdaptPrunedConfig({config_class}):
+    model_type = "{model_type}"
+'''
+
+_MODELING_TEMPLATE = '''"""An adapt-engine pruned {family} model: the stock model with per-layer widths from config.json."""
+
+from {modeling_module} import {causal_lm_class}
+
+from .adapt_pruned_shapes import apply_layer_shapes
+from .configuration_adapt_pruned import AdaptPrunedConfig
+
+
+class AdaptPrunedForCausalLM({causal_lm_class}):
+    config_class = AdaptPrunedConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        apply_layer_shapes(self, config)
+'''
+
+
+class PrunedModelError(ValueError):
+    """Raised when a saved pruned model is missing, corrupt or inconsistent."""
+
+
+def _write_remote_code(folder: Path, family_name: str) -> None:
+    fam = FAMILIES[family_name]
+    fields = {**fam.__dict__, "family": family_name, "model_type": PRUNED_PREFIX + family_name}
+    (folder / "configuration_adapt_pruned.py").write_text(_CONFIG_TEMPLATE.format(**fields))
+    (folder / "modeling_adapt_pruned.py").write_text(_MODELING_TEMPLATE.format(**fields))
+    shutil.copyfile(SHAPES_FILE, folder / "adapt_pruned_shapes.py")
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+    tmp.replace(path)
+
+
+def _json_default(obj):
+    if torch.is_tensor(obj):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def save_pruned(model, tokenizer, output_dir: str | Path, report: dict | None = None) -> Path:
+    """Write a pruned (or unpruned) model in the reloadable adapt-engine format, atomically."""
+    adapter = DecoderAdapter(model)
+    adapter.record_shapes()
+    family = adapter.family.model_type
+    out = Path(output_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise PrunedModelError(f"--output '{out}' exists and is not a directory; choose another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.pop("quantization_config", None)
+        cfg["model_type"] = PRUNED_PREFIX + family
+        cfg["adapt_base_model_type"] = family
+        cfg["architectures"] = ["AdaptPrunedForCausalLM"]
+        cfg["auto_map"] = {
+            "AutoConfig": "configuration_adapt_pruned.AdaptPrunedConfig",
+            "AutoModelForCausalLM": "modeling_adapt_pruned.AdaptPrunedForCausalLM",
+        }
+        _atomic_json(cfg_path, cfg)
+        _write_remote_code(tmp, family)
+        if report is not None:
+            _atomic_json(tmp / REPORT_NAME, report)
+        if out.exists():
+            backup = out.with_name(f".{out.name}.old")
+            if backup.exists():
+                shutil.rmtree(backup)
+            out.rename(backup)
+            tmp.rename(out)
+            shutil.rmtree(backup)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _read_config(path: Path) -> dict:
+    cfg_path = path / "config.json"
+    if not path.is_dir():
+        raise PrunedModelError(f"'{path}' is not a directory; pass the --output folder of `adapt-engine prune`")
+    if not cfg_path.is_file():
+        raise PrunedModelError(f"'{path}' has no config.json; it is not a saved model folder")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise PrunedModelError(f"{cfg_path} is corrupt ({err}); re-run the pruning or restore the file") from err
+
+
+def pruned_class(family: str):
+    """A stock ``*ForCausalLM`` subclass of ``family`` whose layers take the widths in its config."""
+    import importlib
+
+    from .remote.adapt_pruned_shapes import apply_layer_shapes
+
+    fam = FAMILIES[family]
+    base = getattr(importlib.import_module(fam.modeling_module), fam.causal_lm_class)
+
+    def __init__(self, config):
+        base.__init__(self, config)
+        apply_layer_shapes(self, config)
+
+    return type(f"AdaptPruned{base.__name__}", (base,), {"__init__": __init__})
+
+
+def _check_weights(path: Path, model_cls, config) -> None:
+    """Compare tensor names and shapes in the safetensors headers with what the config implies."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise PrunedModelError(f"'{path}' has no .safetensors weights; the save is incomplete")
+    shapes: dict[str, tuple] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    shapes[k] = tuple(fh.get_slice(k).get_shape())
+        except (SafetensorError, OSError, Exception) as err:  # noqa: B014 - header parse errors vary
+            raise PrunedModelError(f"{f} is corrupt or truncated ({err}); re-run the pruning") from err
+    with torch.device("meta"):
+        skeleton = model_cls(config)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    for k, shape in shapes.items():
+        if k not in expected:
+            raise PrunedModelError(f"'{path}' holds weight '{k}' that its config.json has no place for; "
+                                   f"the folder mixes files from different models")
+        if expected[k] != shape:
+            raise PrunedModelError(
+                f"weight '{k}' has shape {shape} but config.json implies {expected[k]}; the config and the "
+                f"weights come from different prunings"
+            )
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [k for k in expected if k not in shapes and k not in tied and "rotary" not in k]
+    if missing:
+        raise PrunedModelError(f"'{path}' lacks weights {missing[:5]}; the save is incomplete")
+
+
+def load_pruned(path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None):
+    """Load a model saved by :func:`save_pruned` with stock transformers classes (no remote code)."""
+    import importlib
+
+    from .models import parse_dtype
+
+    path = Path(path)
+    raw = _read_config(path)
+    family = raw.get("adapt_base_model_type") or raw.get("model_type", "").removeprefix(PRUNED_PREFIX)
+    if family not in FAMILIES:
+        raise UnsupportedModelError(
+            f"{path}/config.json names model family '{family}'; supported: {', '.join(sorted(FAMILIES))}"
+        )
+    for key in (LAYER_HEADS_KEY, LAYER_KV_HEADS_KEY, LAYER_MLP_KEY):
+        if key not in raw:
+            raise PrunedModelError(f"{path}/config.json lacks '{key}'; it was not written by adapt-engine")
+    fam = FAMILIES[family]
+    config_cls = getattr(importlib.import_module(fam.config_module), fam.config_class)
+    fields = {k: v for k, v in raw.items() if k not in ("auto_map", "architectures", "model_type")}
+    try:
+        config = config_cls(**fields)
+    except Exception as err:  # noqa: BLE001 - strict config validation raises several types
+        raise PrunedModelError(f"{path}/config.json is invalid for a {family} model: {err}") from err
+    model_cls = pruned_class(family)
+    _check_weights(path, model_cls, config)
+    torch_dtype = parse_dtype(dtype) if dtype is not None else torch.float32
+    model = model_cls.from_pretrained(path, config=config, dtype=torch_dtype)
+    model.to(device)
+    model.eval()
+    return model
