@@ -69,6 +69,21 @@ def _strip_gguf_quantization(model) -> None:
         model.hf_quantizer = None
 
 
+def load_pruned_tokenizer(path: str | Path):
+    """Tokenizer of a pruned output folder, without running its remote code or prompting."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # AutoTokenizer reads config.json; our model_type is unknown to stock transformers, which it only
+    # warns about before falling back to the tokenizer files themselves.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.dtype = "float32"):
     """(model, tokenizer) for a model spec; ``None`` is the built-in SmolLM2-135M-Instruct."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -80,7 +95,7 @@ def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.
     if path.is_dir() and _is_pruned_dir(path):
         from .saving import load_pruned
 
-        return load_pruned(path, device=device, dtype=torch_dtype), AutoTokenizer.from_pretrained(path)
+        return load_pruned(path, device=device, dtype=torch_dtype), load_pruned_tokenizer(path)
     try:
         if spec.endswith(".gguf"):
             if not path.is_file():

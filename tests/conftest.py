@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny random-weight models of every supported family and a tiny offline tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiny_models import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A 320-token BPE tokenizer trained on the built-in text in well under a second (offline)."""
+    from pydoc_data import topics
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    texts = [topics.topics[k] for k in sorted(topics.topics)][:60]
+    tok.train_from_iterator(texts, trainer)
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_tokenizer):
+    """A saved tiny Llama (GQA) with its tokenizer, as a user's local model folder."""
+    model = make_tiny_model("llama", gqa=True, vocab=len(tiny_tokenizer))
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,65 @@
+"""`adapt-engine prune` and `adapt-engine eval` as a user runs them, on a tiny local model."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from adapt_engine.cli import main
+from adapt_engine.saving import load_pruned
+
+
+def _prune_args(model_dir, out, *extra):
+    return ["prune", "--model", str(model_dir), "--output", str(out), "--steps", "2", "--calib-samples", "8",
+            "--calib-seq-len", "16", "--eval-tokens", "256", "--no-bench", *extra]
+
+
+def test_prune_then_eval(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "pruned"
+    assert main(_prune_args(tiny_model_dir, out, "--sparsity", "0.3")) == 0
+    printed = capsys.readouterr().out
+    assert "adapt-engine prune report" in printed and "perplexity" in printed
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["params_after"] < report["params_before"]
+    assert len(report["history"]) == 2 and len(report["history"][0]["layer_importance"]) == 3
+    assert (out / "pruning_report.png").stat().st_size > 1000
+    stock = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert sum(p.numel() for p in stock.parameters()) == report["params_after"]
+
+    assert main(["eval", "--model", str(out), "--seq-len", "64", "--max-tokens", "512"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"ppl", "params", "tokens"} <= set(line) and line["params"] == report["params_after"]
+    assert line["tokens"] == 8 * 63
+
+
+def test_target_params_and_round_to(tmp_path, tiny_model_dir):
+    dense = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    out = tmp_path / "p2"
+    target = dense - 20000
+    assert main(_prune_args(tiny_model_dir, out, "--target-params", str(target), "--round-to", "8",
+                            "--importance", "magnitude", "--allocation", "uniform")) == 0
+    model = load_pruned(out)
+    assert all(layer.mlp.gate_proj.out_features % 8 == 0 for layer in model.model.layers)
+    assert abs(sum(p.numel() for p in model.parameters()) - target) <= 3 * 48 * 8
+
+
+def test_bad_input_gets_clear_errors(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "x"
+    assert main(_prune_args(tiny_model_dir, out, "--sparsity", "1.5")) == 2
+    assert "--sparsity must be in [0, 1)" in capsys.readouterr().err
+    assert main(_prune_args(tiny_model_dir, out, "--sparsity", "0.2", "--calib-samples", "100000")) == 2
+    assert "not enough text" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(_prune_args(tmp_path / "missing", out, "--sparsity", "0.2")) == 2
+    with pytest.raises(SystemExit):  # argparse: one of --sparsity/--target-params is required
+        main(["prune", "--output", str(out)])
+
+
+def test_eval_counts_tokens(tmp_path, tiny_model_dir, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(text), "--seq-len", "32"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["ppl"] > 1 and line["tokens"] > 0
+    assert torch.isfinite(torch.tensor(line["ppl"]))

@@ -1,0 +1,114 @@
+"""Adapt-Pruner end to end on tiny models of every family."""
+
+import copy
+
+import pytest
+import torch
+from tiny_models import FAMILY_CASES, make_tiny_model
+
+from adapt_engine.adapters import DecoderAdapter, UnsupportedModelError, count_params
+from adapt_engine.importance import calibration_pass, normalize_importance
+from adapt_engine.pruner import AdaptPruner, PruneSettings
+
+
+def _calib(n=8, length=12, seed=0):
+    return torch.randint(0, 320, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family,gqa", FAMILY_CASES)
+@pytest.mark.parametrize("mode", ["query", "kv"])
+def test_prune_lands_on_target(family, gqa, mode):
+    model = make_tiny_model(family, gqa)
+    pruner = AdaptPruner(model, PruneSettings(steps=3, attention=mode, calib_batch_size=4), _calib())
+    target = pruner.target_from_sparsity(0.4)
+    records = pruner.prune_to(target)
+    adapter = DecoderAdapter(model)
+    per_channel = adapter.params_per_channel(0)
+    # tolerance: half an MLP channel (attention is coarse, channels absorb the rest)
+    assert abs(count_params(model) - target) <= per_channel / 2 + 1
+    assert len(records) == 3
+    assert [r["params"] for r in records] == sorted([r["params"] for r in records], reverse=True)
+    x = torch.randint(0, 320, (1, 7))
+    with torch.no_grad():
+        assert torch.isfinite(model(x).logits).all()
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "random", "vectorize", "param_mix"])
+def test_other_importances_run(importance):
+    model = make_tiny_model("llama", True)
+    pruner = AdaptPruner(model, PruneSettings(steps=2, importance=importance), _calib())
+    pruner.prune_to(pruner.target_from_sparsity(0.3))
+    assert count_params(model) < pruner.original_total
+
+
+def test_adaptive_gives_less_sparsity_to_important_layers():
+    model = make_tiny_model("llama", True, layers=4)
+    pruner = AdaptPruner(model, PruneSettings(steps=1, amplitude=0.2), _calib())
+    rec = pruner.prune_to(pruner.target_from_sparsity(0.5))[0]
+    imp, sp = torch.tensor(rec["layer_importance"]), torch.tensor(rec["layer_sparsity"])
+    assert abs(float(imp.mean())) < 1e-6 and abs(float(imp.abs().max()) - 1) < 1e-6
+    assert int(sp.argmin()) == int(imp.argmax()) and int(sp.argmax()) == int(imp.argmin())
+
+
+def test_uniform_allocation_equal_widths():
+    model = make_tiny_model("llama", True, layers=4)
+    pruner = AdaptPruner(model, PruneSettings(steps=2, allocation="uniform", importance="magnitude"), None)
+    pruner.prune_to(pruner.target_from_sparsity(0.5))
+    widths = {s.intermediate_size for s in DecoderAdapter(model).shapes()}
+    assert max(widths) - min(widths) <= 1
+
+
+def test_round_to_makes_mlp_widths_multiples():
+    model = make_tiny_model("llama", True)
+    pruner = AdaptPruner(model, PruneSettings(steps=2, round_to=8), _calib())
+    pruner.prune_to(pruner.target_from_sparsity(0.4))
+    assert all(s.intermediate_size % 8 == 0 for s in DecoderAdapter(model).shapes())
+
+
+def test_target_below_floor_is_a_clear_error():
+    model = make_tiny_model("llama", True)
+    pruner = AdaptPruner(model, PruneSettings(steps=1), _calib())
+    with pytest.raises(ValueError, match="smallest reachable size"):
+        pruner.prune_to(1000)
+
+
+def test_taylor_saliency_matches_full_gradient_and_frees_grads():
+    model = make_tiny_model("llama", True)
+    adapter = DecoderAdapter(model)
+    calib = _calib(4)
+    _, scores, _ = calibration_pass(adapter, calib, batch_size=4, similarity=None, saliency_metric="taylor")
+    assert all(p.grad is None for p in model.parameters())
+    ref = copy.deepcopy(model)
+    ref(input_ids=calib, labels=calib).loss.backward()
+    layer = ref.model.layers[1]
+    w, g = layer.mlp.down_proj.weight, layer.mlp.down_proj.weight.grad
+    expect = (layer.mlp.gate_proj.weight * layer.mlp.gate_proj.weight.grad).abs().sum(1)
+    expect += (layer.mlp.up_proj.weight * layer.mlp.up_proj.weight.grad).abs().sum(1) + (w * g).abs().sum(0)
+    torch.testing.assert_close(scores.mlp[1], expect.detach(), rtol=1e-4, atol=1e-6)
+    qw, qg = layer.self_attn.q_proj.weight, layer.self_attn.q_proj.weight.grad
+    ow, og = layer.self_attn.o_proj.weight, layer.self_attn.o_proj.weight.grad
+    head = (qw * qg).abs().sum(1).view(6, 8).sum(1) + (ow * og).abs().sum(0).view(6, 8).sum(1)
+    torch.testing.assert_close(scores.q_heads[1], head.detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_layer_importance_is_negative_cosine():
+    model = make_tiny_model("llama", True)
+    adapter = DecoderAdapter(model)
+    calib = _calib(2)
+    raw, _, _ = calibration_pass(adapter, calib, batch_size=2, similarity="cosine", saliency_metric=None)
+    with torch.no_grad():
+        hs = model(input_ids=calib, output_hidden_states=True).hidden_states
+    # hidden_states[j] is layer j's input; the last entry is after the final norm, so check inner layers
+    for j in range(len(adapter.layers) - 1):
+        cos = torch.nn.functional.cosine_similarity(hs[j], hs[j + 1], dim=-1).mean()
+        assert abs(float(raw[j]) + float(cos)) < 1e-4
+    norm = normalize_importance(raw)
+    assert abs(float(norm.mean())) < 1e-6
+
+
+def test_unsupported_family_is_named():
+    import transformers
+
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)
+    with pytest.raises(UnsupportedModelError, match="llama, mistral, qwen2, qwen3"):
+        DecoderAdapter(transformers.GPT2LMHeadModel(cfg))

@@ -1,0 +1,73 @@
+"""Save → reload with adapt_engine.load_pruned and with stock transformers (trust_remote_code)."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import FAMILY_CASES, make_tiny_model
+from transformers import AutoModelForCausalLM
+
+from adapt_engine.adapters import UnsupportedModelError
+from adapt_engine.pruner import AdaptPruner, PruneSettings
+from adapt_engine.saving import PrunedModelError, load_pruned, save_pruned
+
+
+def _pruned(family="llama", gqa=True, mode="query"):
+    model = make_tiny_model(family, gqa)
+    calib = torch.randint(0, 320, (4, 10), generator=torch.Generator().manual_seed(0))
+    pruner = AdaptPruner(model, PruneSettings(steps=2, attention=mode), calib)
+    pruner.prune_to(pruner.target_from_sparsity(0.45))
+    return model
+
+
+@pytest.mark.parametrize("family,gqa", FAMILY_CASES)
+def test_roundtrip_both_loaders(tmp_path, tiny_tokenizer, family, gqa):
+    model = _pruned(family, gqa, mode="kv" if family == "qwen3" else "query")
+    out = save_pruned(model, tiny_tokenizer, tmp_path / "out", {"note": "test"})
+    x = torch.randint(0, 320, (2, 9))
+    with torch.no_grad():
+        ref = model(x).logits
+        ours = load_pruned(out)
+        stock = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+        assert torch.equal(ours(x).logits, ref)
+        assert torch.equal(stock(x).logits, ref)
+    cfg = json.loads((out / "config.json").read_text())
+    assert len(cfg["layer_intermediate_sizes"]) == 3 and "quantization_config" not in cfg
+    assert (out / "pruning_report.json").is_file() and (out / "tokenizer.json").is_file()
+    assert not list(tmp_path.glob(".out.tmp-*"))  # no temporary left behind
+
+
+def test_missing_and_corrupt_files_get_clear_errors(tmp_path, tiny_tokenizer):
+    out = save_pruned(_pruned(), tiny_tokenizer, tmp_path / "m")
+    with pytest.raises(PrunedModelError, match="not a directory"):
+        load_pruned(tmp_path / "nope")
+    weights = next(out.glob("*.safetensors"))
+    blob = weights.read_bytes()
+    weights.write_bytes(blob[: len(blob) // 3])
+    with pytest.raises(PrunedModelError, match="corrupt or truncated|lacks weights"):
+        load_pruned(out)
+    weights.unlink()
+    with pytest.raises(PrunedModelError, match="no .safetensors"):
+        load_pruned(out)
+    (out / "config.json").write_text("{not json")
+    with pytest.raises(PrunedModelError, match="corrupt"):
+        load_pruned(out)
+
+
+def test_mismatched_config_and_weights(tmp_path, tiny_tokenizer):
+    out = save_pruned(_pruned(), tiny_tokenizer, tmp_path / "m")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["layer_intermediate_sizes"][0] += 1
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PrunedModelError, match="different prunings"):
+        load_pruned(out)
+    cfg["adapt_base_model_type"] = "gpt2"
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="supported"):
+        load_pruned(out)
+
+
+def test_stock_loading_without_remote_code_fails_loudly(tmp_path, tiny_tokenizer):
+    out = save_pruned(_pruned(), tiny_tokenizer, tmp_path / "m")
+    with pytest.raises(Exception, match="trust_remote_code|adapt_pruned"):
+        AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
