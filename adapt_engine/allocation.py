@@ -98,6 +98,31 @@ def apportion_mlp(
     return widths
 
 
+@dataclass
+class LayerCosts:
+    """Cumulative saliency of removing the k least salient attention units / MLP channels of a layer."""
+
+    attention: torch.Tensor  # [units_now]: cost of removing 0..units_now-1 more units
+    mlp: torch.Tensor  # [width_now]: cost of removing 0..width_now-1 more channels
+
+
+def _cheapest_attention_keep(costs: LayerCosts, units_now: int, units_orig: int, per_unit: int,
+                             want_removed: float, mlp_removed: int, per_channel: int, width_now: int) -> int:
+    """Attention units to keep so that the layer's removal budget costs the least total saliency."""
+    best, best_cost = units_now, float("inf")
+    for keep in range(units_now, 0, -1):
+        extra_units = units_now - keep
+        attn_params = (units_orig - keep) * per_unit
+        if extra_units > 0 and attn_params > want_removed + per_unit / 2:
+            break  # attention alone would overshoot the layer's budget by more than half a unit
+        channels = int(round((want_removed - attn_params) / per_channel)) - mlp_removed
+        channels = min(max(channels, 0), width_now - 1)
+        cost = float(costs.attention[extra_units]) + float(costs.mlp[channels])
+        if cost < best_cost:
+            best, best_cost = keep, cost
+    return best
+
+
 def plan_budgets(
     adapter: DecoderAdapter,
     original: list[LayerShape],
@@ -107,9 +132,12 @@ def plan_budgets(
     amplitude: float,
     mode: str,
     round_to: int = 1,
+    costs: list[LayerCosts] | None = None,
 ) -> tuple[list[LayerBudget], torch.Tensor]:
     """Per-layer widths for one sub-step that bring the prunable parameters to ``target_prunable``.
 
+    With ``costs`` (saliency split), each layer removes the attention units whose saliency is lower than
+    that of the MLP channels they would spare; without, attention takes its proportional share.
     Returns the budgets and the per-layer sparsities ``S_j`` that shaped them.
     """
     n = len(adapter.layers)
@@ -126,11 +154,16 @@ def plan_budgets(
         units_now = _attention_units(current[j], mode)
         want_removed = float(sparsity[j]) * orig_layer_params[j]
         # Attention takes the share closest to the layer's sparsity, but at most what keeps one unit.
-        keep = units_orig - int(round(float(sparsity[j]) * units_orig))
-        keep = max(1, min(units_now, keep))
-        # Do not let coarse attention overshoot the layer's whole budget by more than half a unit.
-        while keep < units_now and (units_orig - keep) * per_unit > want_removed + per_unit / 2:
-            keep += 1
+        if costs is not None:
+            keep = _cheapest_attention_keep(costs[j], units_now, units_orig, per_unit, want_removed,
+                                            original[j].intermediate_size - current[j].intermediate_size,
+                                            adapter.params_per_channel(j), current[j].intermediate_size)
+        else:
+            keep = units_orig - int(round(float(sparsity[j]) * units_orig))
+            keep = max(1, min(units_now, keep))
+            # Do not let coarse attention overshoot the layer's whole budget by more than half a unit.
+            while keep < units_now and (units_orig - keep) * per_unit > want_removed + per_unit / 2:
+                keep += 1
         units_keep.append(keep)
         attn_removed.append((units_orig - keep) * per_unit)
 

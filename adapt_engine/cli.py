@@ -27,6 +27,9 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--similarity", choices=("cosine", "euclidean", "manhattan"), default="cosine")
     p.add_argument("--attention", choices=("query", "kv"), default="query",
                    help="attention granularity: same number of query heads per KV group, or whole KV groups")
+    p.add_argument("--split", choices=("saliency", "proportional"), default="saliency",
+                   help="inside a layer, remove attention units only where they are less salient than the MLP "
+                   "channels they would spare (default), or give attention its proportional share")
     p.add_argument("--round-to", type=int, default=1, help="make every MLP width a multiple of K")
     p.add_argument("--calib-data", default=None, help=".txt/.jsonl/.parquet file or folder, or a datasets name "
                    "(default: built-in offline text, train split)")

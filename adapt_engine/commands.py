@@ -49,6 +49,7 @@ def run_prune(args) -> dict:
     settings = PruneSettings(
         amplitude=args.amplitude, steps=args.steps, allocation=args.allocation, importance=args.importance,
         similarity=args.similarity, attention=args.attention, round_to=args.round_to,
+        split=args.split,
         calib_batch_size=args.calib_batch_size, seed=args.seed,
     )
     settings.validate()

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .adapters import DecoderAdapter, count_params
-from .allocation import ALLOCATIONS, budget_shape, plan_budgets, step_targets
+from .allocation import ALLOCATIONS, LayerCosts, budget_shape, plan_budgets, step_targets
 from .groups import ATTENTION_MODES, GroupScores, LayerKeep, choose_attention_keep, choose_mlp_keep
 from .importance import (
     IMPORTANCES,
@@ -24,6 +24,8 @@ from .surgery import apply_plan
 
 __all__ = ["PruneSettings", "AdaptPruner", "count_params"]
 
+SPLITS = ("saliency", "proportional")
+
 
 @dataclass
 class PruneSettings:
@@ -36,6 +38,7 @@ class PruneSettings:
     similarity: str = "cosine"
     attention: str = "query"
     round_to: int = 1
+    split: str = "saliency"
     calib_batch_size: int = 32
     seed: int = 0
 
@@ -49,6 +52,7 @@ class PruneSettings:
             (self.steps >= 1, "--steps must be at least 1"),
             (0.0 <= self.amplitude <= 1.0, "--amplitude must be in [0, 1] (paper default 0.02)"),
             (self.round_to >= 1, "--round-to must be a positive integer (1 = no rounding)"),
+            (self.split in SPLITS, f"--split must be one of {SPLITS}"),
             (self.calib_batch_size >= 1, "--calib-batch-size must be at least 1"),
         ]
         for ok, msg in checks:
@@ -135,9 +139,10 @@ class AdaptPruner:
             raw = raw.cpu() / torch.distributed.get_world_size()
         importance = normalize_importance(raw.float()) if s.allocation == "adaptive" else torch.zeros(len(raw))
         target_prunable = max(0, target_params - self.fixed_params)
+        costs = self._layer_costs(scores) if s.split == "saliency" else None
         budgets, sparsity = plan_budgets(
             self.adapter, self.original_shapes, self.original_prunable, target_prunable,
-            importance, s.amplitude if s.allocation == "adaptive" else 0.0, s.attention, s.round_to,
+            importance, s.amplitude if s.allocation == "adaptive" else 0.0, s.attention, s.round_to, costs,
         )
         plan = []
         for j, budget in enumerate(budgets):
@@ -166,6 +171,21 @@ class AdaptPruner:
         }
         self.history.append(record)
         return record
+
+    def _layer_costs(self, scores: GroupScores) -> list[LayerCosts]:
+        """Cumulative saliency of removing the cheapest attention units and MLP channels, per layer."""
+        out = []
+        for j in range(len(self.adapter.layers)):
+            shape = self.adapter.layer_shape(j)
+            q = scores.q_heads[j].double().cpu().view(shape.num_kv_heads, -1)
+            if self.settings.attention == "query":
+                unit = q.sort(dim=1).values.sum(0)  # r-th unit = r-th cheapest query head of every group
+            else:
+                unit = (q.sum(1) + scores.kv_heads[j].double().cpu()).sort().values
+            mlp = scores.mlp[j].double().cpu().sort().values
+            zero = torch.zeros(1, dtype=torch.float64)
+            out.append(LayerCosts(torch.cat([zero, unit.cumsum(0)])[:-1], torch.cat([zero, mlp.cumsum(0)])[:-1]))
+        return out
 
     def prune_to(self, target_params: int, steps: int | None = None, optimizer=None,
                  group_scores: GroupScores | None = None, progress=None, on_step=None) -> list[dict]:

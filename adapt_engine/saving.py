@@ -45,7 +45,7 @@ class AdaptPrunedConfig({config_class}):
     model_type = "{model_type}"
 '''
 
-_MODELING_TEMPLATE = '''"""An adapt-engine pruned {family} model: the stock model with per-layer widths from config.json."""
+_MODELING_TEMPLATE = '''"""An adapt-engine pruned {family} model: stock layers resized to the widths in config.json."""
 
 from {modeling_module} import {causal_lm_class}
 

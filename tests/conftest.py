@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
 from tiny_models import make_tiny_model
 
 
@@ -12,6 +10,7 @@ from tiny_models import make_tiny_model
 def tiny_tokenizer():
     """A 320-token BPE tokenizer trained on the built-in text in well under a second (offline)."""
     from pydoc_data import topics
+
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

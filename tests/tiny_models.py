@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 FAMILY_CASES = [
-    ("llama", True), ("llama", False), ("mistral", True), ("qwen2", True), ("qwen2", False), ("qwen3", True),
+    ("llama", True), ("llama", False), ("llama-bias", True), ("mistral", True), ("qwen2", True), ("qwen2", False),
+    ("qwen3", True),
 ]
 
 
@@ -24,6 +25,9 @@ def make_tiny_model(family: str, gqa: bool = True, layers: int = 3, vocab: int =
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }
+    if family == "llama-bias":  # Llama with attention_bias and mlp_bias: every projection has a bias
+        family = "llama"
+        kw.update(attention_bias=True, mlp_bias=True)
     cfg_cls, model_cls = classes[family]
     model = model_cls(cfg_cls(**kw)).eval()
     # Random init leaves many projections tiny; widen the spread so pruning choices matter in tests.

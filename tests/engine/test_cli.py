@@ -63,3 +63,13 @@ def test_eval_counts_tokens(tmp_path, tiny_model_dir, capsys):
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["ppl"] > 1 and line["tokens"] > 0
     assert torch.isfinite(torch.tensor(line["ppl"]))
+
+
+def test_pruned_output_can_be_pruned_again(tmp_path, tiny_model_dir):
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert main(_prune_args(tiny_model_dir, first, "--sparsity", "0.2")) == 0
+    assert main(_prune_args(first, second, "--sparsity", "0.2")) == 0
+    a = json.loads((first / "pruning_report.json").read_text())
+    b = json.loads((second / "pruning_report.json").read_text())
+    assert b["params_before"] == a["params_after"] > b["params_after"]
+    assert load_pruned(second).config.layer_intermediate_sizes == [w["intermediate_size"] for w in b["widths_after"]]

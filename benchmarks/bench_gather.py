@@ -1,0 +1,109 @@
+"""gather_channels: in-place compaction vs its torch reference, index_select, and a plain copy.
+
+Each round starts from a fresh copy of the full tensor (made in setup, not timed). "copy" is a
+plain contiguous copy of the kept bytes into a preallocated buffer: the floor for moving the
+data. Extra memory is measured as the peak-RSS increase of one call (/proc/self/status VmHWM
+after resetting it); by construction the C++ path allocates at most its 512 KiB bounce buffer.
+
+    pytest benchmarks/bench_gather.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from adapt_engine.kernels import backend_for, gather_channels, gather_channels_reference
+
+# (shape, dim, pattern): MLP channels removed at random (rows of gate/up, columns of down),
+# attention heads of 64 removed (rows of q, columns of o), at 50 % kept.
+CASES_BASE = [
+    ((1536, 576), 0, "random"),
+    ((576, 1536), 1, "random"),
+    ((576, 576), 1, "heads"),
+    ((14336, 4096), 0, "random"),
+    ((4096, 14336), 1, "random"),
+]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+IMPLS = ("copy", "index_select", "reference", "kernel")
+CASES = [(s, d, p, dt, i) for s, d, p in CASES_BASE for dt in DTYPES for i in IMPLS]
+
+
+def _index(n: int, pattern: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    if pattern == "heads":
+        heads = torch.randperm(n // 64, generator=gen)[: n // 128].sort().values
+        return (heads[:, None] * 64 + torch.arange(64)).flatten()
+    return torch.randperm(n, generator=gen)[: n // 2].sort().values
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def peak_extra_bytes(fn) -> int | None:
+    """Peak resident memory added while fn runs (Linux: resets VmHWM through clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        base = _status("VmRSS")
+        fn()
+        return max(0, _status("VmHWM") - base)
+    except OSError:
+        return None
+
+
+@pytest.mark.parametrize("shape, dim, pattern, dtype, impl", CASES,
+                         ids=[f"{s[0]}x{s[1]}-dim{d}-{p}-{dt}-{i}" for s, d, p, dt, i in CASES])
+def test_gather_channels(benchmark, bench_record, bench_lookup, shape, dim, pattern, dtype, impl):
+    src = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(DTYPES[dtype])
+    idx = _index(shape[dim], pattern)
+    kept = src.index_select(dim, idx)
+    kept_bytes = kept.nbytes
+    if impl == "copy":
+        dst = torch.empty_like(kept)
+        dst.copy_(kept)  # touch the pages once
+
+        def setup():
+            return (), {}
+
+        def run():
+            dst.copy_(kept)
+    else:
+        del kept
+        op = {
+            "index_select": lambda t: t.index_select(dim, idx),
+            "reference": lambda t: gather_channels_reference([t], idx, dim),
+            "kernel": lambda t: gather_channels([t], idx, dim),
+        }[impl]
+        op(src.clone())  # warm-up: JIT load, first-touch of allocator pools
+
+        def setup():
+            return (src.clone(),), {}
+
+        def run(t):
+            op(t)
+
+    case = f"gather {shape[0]}x{shape[1]} dim{dim} {pattern} {dtype}"
+    benchmark.group = case
+    rounds = int(max(3, min(30, 4e9 // max(1, src.nbytes))))
+    benchmark.pedantic(run, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
+    info = {"backend": backend_for(src) if impl == "kernel" else "torch", "kept_mb": kept_bytes / 1e6}
+    if impl != "copy":
+        fresh = src.clone()
+        extra = peak_extra_bytes(lambda: op(fresh))
+        if extra is not None:
+            info["peak_extra_mb"] = extra / 1e6
+        copy_row = bench_lookup(f"{case} copy")
+        if copy_row:
+            info["time_vs_copy"] = benchmark.stats.stats.min * 1e3 / copy_row["best_ms"]
+    if impl == "kernel":
+        for base in ("index_select", "reference"):
+            row = bench_lookup(f"{case} {base}")
+            if row:
+                info[f"speedup_vs_{base}"] = row["best_ms"] / benchmark.stats.stats.min / 1e3
+    # Bytes moved: the kept data read once and written once.
+    bench_record(benchmark, f"{case} {impl}", 2 * kept_bytes, **info)

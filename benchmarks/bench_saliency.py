@@ -1,0 +1,72 @@
+"""group_saliency throughput: the fused kernel vs its chunked torch reference vs naive torch.
+
+Shapes are SmolLM2-135M projections (576×1536 up/gate as out×in = 1536×576, down = 576×1536)
+and a Llama-3-8B MLP projection (4096×14336). Row scores (dim=0) and column scores (dim=1),
+fp32 and bf16. Bytes moved = weight + grad (+ Fisher read and write for param_mix).
+
+    pytest benchmarks/bench_saliency.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from adapt_engine.kernels import backend_for, group_saliency, group_saliency_reference
+
+SHAPES = ((1536, 576), (576, 1536), (4096, 14336))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+IMPLS = ("naive", "reference", "kernel")  # in this order: the kernel row divides by the others
+CASES = [
+    (shape, dtype, dim, metric, impl)
+    for shape in SHAPES
+    for dtype in DTYPES
+    for dim in (0, 1)
+    for metric in (("taylor", "param_mix") if shape == (4096, 14336) else ("taylor",))
+    for impl in IMPLS
+    if not (metric == "param_mix" and impl == "naive")
+]
+
+
+def _rounds(nbytes: int, impl: str) -> int:
+    # The naive path runs at ~1 GB/s: keep the largest shape to a few rounds.
+    budget = 2e9 if impl == "naive" else 2e10
+    return int(max(3, min(50, budget // max(1, nbytes))))
+
+
+@pytest.fixture(scope="module")
+def tensors():
+    cache = {}
+
+    def get(shape, dtype):
+        key = (shape, dtype)
+        if key not in cache:
+            cache.clear()  # keep one pair alive: the 8B shape is 470 MB in fp32
+            gen = torch.Generator().manual_seed(0)
+            cache[key] = (torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype))
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("shape, dtype, dim, metric, impl", CASES,
+                         ids=[f"{s[0]}x{s[1]}-{d}-dim{m}-{me}-{i}" for s, d, m, me, i in CASES])
+def test_group_saliency(benchmark, bench_record, bench_lookup, tensors, shape, dtype, dim, metric, impl):
+    w, g = tensors(shape, DTYPES[dtype])
+    fisher = torch.zeros(shape) if metric == "param_mix" else None
+    nbytes = w.nbytes + g.nbytes + (2 * fisher.nbytes if fisher is not None else 0)
+    if impl == "naive":
+        fn = lambda: (w * g).abs().sum(1 - dim)  # the issue's baseline: two full temporaries
+    elif impl == "reference":
+        fn = lambda: group_saliency_reference(w, g, dim, 1, metric, fisher=fisher)
+    else:
+        fn = lambda: group_saliency(w, g, dim, 1, metric, fisher=fisher)
+    benchmark.group = f"saliency {shape[0]}x{shape[1]} {dtype} dim{dim} {metric}"
+    benchmark.pedantic(fn, rounds=_rounds(nbytes, impl), iterations=1, warmup_rounds=1)
+    case = f"saliency {shape[0]}x{shape[1]} {dtype} dim{dim} {metric}"
+    info = {"backend": backend_for(w) if impl == "kernel" else "torch"}
+    if impl == "kernel":
+        for base in ("naive", "reference"):
+            row = bench_lookup(f"{case} {base}")
+            if row:
+                info[f"speedup_vs_{base}"] = row["best_ms"] / benchmark.stats.stats.min / 1e3
+    bench_record(benchmark, f"{case} {impl}", nbytes, **info)

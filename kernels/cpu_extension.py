@@ -1,0 +1,125 @@
+"""Just-in-time build and loading of the C++ CPU kernels in csrc/ (cached, built once per machine)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DISABLE_ENV = "ADAPT_ENGINE_DISABLE_CPP"
+EXTENSION_NAME = "adapt_engine_cpu_kernels"
+SOURCES = ("registration.cpp", "saliency.cpp", "gather.cpp")
+OPS_NAMESPACE = "adapt_engine_kernels"
+HEADERS = ("ops.h",)
+
+_lock = threading.Lock()
+_module: Any = None
+_error: CppBuildError | None = None
+
+
+class CppBuildError(RuntimeError):
+    """The C++ CPU kernels could not be compiled or loaded."""
+
+
+def cpp_disabled() -> bool:
+    """True when ADAPT_ENGINE_DISABLE_CPP=1 asks for the torch reference path on CPU."""
+    return os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def source_dir() -> Path:
+    """Directory holding the C++ sources (the adapt_engine.csrc package)."""
+    return Path(str(importlib.resources.files("adapt_engine.csrc")))
+
+
+def _cpu_fingerprint() -> str:
+    # -march=native binaries must not be reused on another CPU sharing the same home directory.
+    text = platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith(("model name", "flags", "Features", "CPU part")):
+                    text += line
+                    if line.startswith(("flags", "Features")):
+                        break
+    except OSError:
+        text += platform.processor()
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def build_directory() -> Path:
+    """Cache folder of the compiled extension: $TORCH_EXTENSIONS_DIR or ~/.cache/adapt_engine."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "adapt_engine" / "torch_extensions"
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}_{_cpu_fingerprint()}"
+    return base / f"{EXTENSION_NAME}_{tag.replace('+', '_')}"
+
+
+def _compile_flags() -> tuple[list[str], list[str]]:
+    cflags = ["-O3", "-fopenmp", "-ffp-contract=fast"]
+    if platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64"):
+        cflags.append("-march=native")
+    # -fopenmp makes at::parallel_for use torch's OpenMP pool (same libgomp soname, loaded once).
+    return cflags, ["-fopenmp"]
+
+
+def _build(src: Path, name: str, build_dir: Path) -> Any:
+    from torch.utils.cpp_extension import load
+
+    missing = [f for f in SOURCES + HEADERS if not (src / f).is_file()]
+    if missing:
+        raise CppBuildError(f"C++ sources missing from {src}: {missing}; reinstall adapt-engine")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cflags, ldflags = _compile_flags()
+    # Registered as torch ops rather than a pybind11 module: the build takes seconds, not minutes.
+    load(
+        name=name,
+        sources=[str(src / f) for f in SOURCES],
+        extra_cflags=cflags,
+        extra_ldflags=ldflags,
+        extra_include_paths=[str(src)],
+        build_directory=str(build_dir),
+        verbose=False,
+        is_python_module=False,
+    )
+    return getattr(torch.ops, OPS_NAMESPACE)
+
+
+def load_cpu_kernels(src: Path | None = None, build_dir: Path | None = None) -> Any:
+    """The CPU kernel ops namespace (built on first call), or None when ADAPT_ENGINE_DISABLE_CPP=1."""
+    global _module, _error
+    if cpp_disabled():
+        return None
+    custom = src is not None or build_dir is not None
+    if not custom:
+        if _module is not None:
+            return _module
+        if _error is not None:
+            raise _error
+    with _lock:
+        if not custom and _module is not None:
+            return _module
+        try:
+            module = _build(src or source_dir(), EXTENSION_NAME, build_dir or build_directory())
+        except CppBuildError as exc:
+            err = exc
+        except Exception as exc:  # compiler/ninja/loader failures arrive as assorted exception types
+            err = CppBuildError(
+                f"building the adapt-engine C++ CPU kernels failed: {exc}\n"
+                "Fix: install a C++17 compiler with OpenMP (g++) and ninja, or set "
+                f"{DISABLE_ENV}=1 to use the slower plain-torch path on CPU."
+            )
+            err.__cause__ = exc
+        else:
+            if not custom:
+                _module = module
+            return module
+        if not custom:
+            _error = err
+        raise err

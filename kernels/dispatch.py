@@ -1,0 +1,107 @@
+"""Public kernel entry points; the one place that picks a backend by device.
+
+- CUDA tensors: Triton kernels (when triton is installed), else the torch reference.
+- CPU tensors: C++ kernels built just in time (kernels.cpu_extension), else — only when
+  ADAPT_ENGINE_DISABLE_CPP=1 — the torch reference. A failed build raises CppBuildError.
+- Any other device: the torch reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+
+from .cpu_extension import load_cpu_kernels
+from .gather import gather_channels_with, gather_inplace_reference
+from .saliency import (
+    METRIC_IDS,
+    SaliencyArgs,
+    accumulate_saliency_reference,
+    check_saliency_args,
+    run_saliency,
+)
+
+BACKENDS = ("triton", "cpp", "torch")
+
+
+@lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """True when the optional triton package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def backend_for(tensor: torch.Tensor) -> str:
+    """Name of the backend ('triton', 'cpp' or 'torch') that runs the kernels for this tensor."""
+    if tensor.device.type == "cuda":
+        return "triton" if triton_available() else "torch"
+    if tensor.device.type == "cpu":
+        return "cpp" if load_cpu_kernels() is not None else "torch"
+    return "torch"
+
+
+def _saliency_cpp(args: SaliencyArgs, out: torch.Tensor) -> None:
+    load_cpu_kernels().group_saliency(
+        args.weight, args.grad, args.fisher, out, args.dim, args.group_size, METRIC_IDS[args.metric],
+        args.fisher_scale,
+    )
+
+
+def _saliency_triton(args: SaliencyArgs, out: torch.Tensor) -> None:
+    from .saliency_triton import accumulate_saliency_triton
+
+    accumulate_saliency_triton(args, out)
+
+
+_SALIENCY = {"cpp": _saliency_cpp, "triton": _saliency_triton, "torch": accumulate_saliency_reference}
+
+
+def group_saliency(
+    weight: torch.Tensor,
+    grad: torch.Tensor | None,
+    dim: int,
+    group_size: int = 1,
+    metric: str = "taylor",
+    out: torch.Tensor | None = None,
+    fisher: torch.Tensor | None = None,
+    *,
+    fisher_scale: float = 1.0,
+) -> torch.Tensor:
+    """Float32 per-group saliency of weight along dim (0: rows, 1: columns), added into out if given."""
+    args = check_saliency_args(weight, grad, dim, group_size, metric, out, fisher, fisher_scale)
+    return run_saliency(args, out, _SALIENCY[backend_for(args.weight)])
+
+
+def _gather_cpp(t: torch.Tensor, idx: torch.Tensor, dim: int) -> None:
+    load_cpu_kernels().gather_inplace(t, idx, dim)
+
+
+def _gather_triton(t: torch.Tensor, idx: torch.Tensor, dim: int) -> None:
+    from .gather_triton import gather_inplace_triton
+
+    gather_inplace_triton(t, idx, dim)
+
+
+_GATHER = {"cpp": _gather_cpp, "triton": _gather_triton, "torch": gather_inplace_reference}
+
+
+def _gather_one(t: torch.Tensor, idx: torch.Tensor, dim: int) -> None:
+    if t.device.type == "cpu":  # the hot case, without a second lookup of the extension
+        ops = load_cpu_kernels()
+        if ops is not None:
+            ops.gather_inplace(t, idx, dim)
+            return
+    _GATHER[backend_for(t)](t, idx, dim)
+
+
+def gather_channels(
+    tensors: Sequence[torch.Tensor],
+    index: torch.Tensor | Sequence[int],
+    dim: int,
+    *,
+    shrink: bool = False,
+) -> list[torch.Tensor]:
+    """Compact each tensor in place to the sorted unique index along dim; return new-shape views."""
+    return gather_channels_with(tensors, index, dim, shrink, _gather_one)

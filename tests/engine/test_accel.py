@@ -1,0 +1,333 @@
+"""Adapt-Accel end to end on a tiny model: phases, output, exact resume (exception and SIGKILL), corrupt
+and mismatched checkpoints, NaN stop, and 2-process DDP (gloo) equal to one process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapt_engine import accel
+from adapt_engine.accel import (
+    AccelConfig,
+    TrainingDivergedError,
+    add_accel_arguments,
+    config_from_args,
+    phase_shares,
+    phase_targets,
+    plan_data,
+    rank_share,
+    run,
+    split_counts,
+)
+from adapt_engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread. On a shared 2-core box, OpenMP barriers across busy cores make
+    microsecond ops take milliseconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+# ---------------------------------------------------------------------------------------------------------
+# Phase arithmetic and data plan
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 20])
+def test_phase_shares_grow_linearly_and_sum_to_one(n):
+    shares = phase_shares(n)
+    assert math.isclose(sum(shares), 1.0)
+    assert all(math.isclose(b - a, shares[0]) for a, b in zip(shares, shares[1:]))  # linear growth
+    assert math.isclose(shares[-1] / shares[0], n)
+
+
+def test_phase_targets_shrink_geometrically_to_the_target():
+    t = phase_targets(350_000_000, 125_000_000, 20)
+    assert t[-1] == 125_000_000 and len(t) == 20
+    ratios = [b / a for a, b in zip([350_000_000] + t[:-1], t)]
+    assert all(abs(r - (125 / 350) ** (1 / 20)) < 1e-6 for r in ratios)  # P ≈ 0.95 per phase, as the paper
+
+
+@pytest.mark.parametrize("total,n", [(0, 3), (7, 3), (48, 3), (1000, 20), (5, 20)])
+def test_split_counts_is_exact(total, n):
+    counts = split_counts(total, phase_shares(n))
+    assert sum(counts) == total and all(c >= 0 for c in counts)
+    assert all(abs(c - total * s) < 1 for c, s in zip(counts, phase_shares(n)))
+
+
+def test_data_plan_draws_without_replacement():
+    ids = torch.arange(1000)
+    cfg = AccelConfig(output="x", sparsity=0.5, interleaves=4, train_tokens=400, seq_len=10, seed=3)
+    plan = plan_data(ids, cfg)
+    firsts = plan.windows[:, 0].tolist()
+    assert len(firsts) == 40 and len(set(firsts)) == 40  # distinct windows
+    assert all(f % 10 == 0 for f in firsts)  # aligned, non-overlapping windows of the packed stream
+    assert [b - a for a, b in plan.bounds] == [4, 8, 12, 16]
+    assert sorted(firsts) != firsts  # random order
+    with pytest.raises(ValueError, match="needs 200 windows"):
+        plan_data(ids, AccelConfig(output="x", sparsity=0.5, train_tokens=2000, seq_len=10))
+
+
+@pytest.mark.parametrize("n,world", [(8, 2), (7, 2), (3, 4), (1, 2), (128, 3)])
+def test_rank_shares_partition_the_batch_in_order(n, world):
+    shares = [list(rank_share(n, r, world)) for r in range(world)]
+    assert sum(shares, []) == list(range(n))  # contiguous blocks, in order, disjoint, complete
+    assert max(map(len, shares)) - min(map(len, shares)) <= max(1, -(-n // world))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _cfg(model_dir, out, **kw) -> AccelConfig:
+    # 48 windows of 16 tokens over 3 phases: 8 / 16 / 24 windows, 1 + 2 + 3 optimizer steps of 8 sequences.
+    base = dict(output=str(out), model=str(model_dir), sparsity=0.4, interleaves=3, train_tokens=48 * 16,
+                seq_len=16, global_batch=8, micro_batch=4, lr=2e-3, min_lr=2e-4, calib_samples=8, calib_seq_len=16,
+                calib_batch_size=4, val_tokens=256, prune_steps=1, seed=0)
+    base.update(kw)
+    return AccelConfig(**base)
+
+
+def _assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].shape == sb[k].shape, k
+        assert torch.equal(sa[k], sb[k]), f"{k} differs by {(sa[k] - sb[k]).abs().max()}"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_tokenizer):
+    from tiny_models import make_tiny_model
+
+    path = tmp_path_factory.mktemp("accel") / "tiny-llama"
+    make_tiny_model("llama", gqa=True, vocab=len(tiny_tokenizer)).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(saliency="train", reset_optimizer=True, no_checkpoints=True)])
+def test_run_end_to_end(model_dir, tmp_path, variant):
+    from adapt_engine.saving import load_pruned
+
+    cfg = _cfg(model_dir, tmp_path / "out", checkpoint_every=2, **variant)
+    steps, checkpointed = [], []
+
+    def on_step(rec):
+        steps.append(rec)
+        checkpointed.append(latest_checkpoint(cfg.run_dir() / "checkpoints") is not None)
+
+    result = run(cfg, on_step=on_step)
+    assert any(checkpointed) != cfg.no_checkpoints
+    report = result.report
+    assert [s["global_step"] for s in steps] == list(range(1, 7))
+    assert [p["steps"] for p in report["phases"]] == [1, 2, 3]
+    assert [p["params"] for p in report["phases"]] == sorted([p["params"] for p in report["phases"]], reverse=True)
+    assert report["params_after"] < report["params_before"]
+    assert abs(report["params_after"] - report["target_params"]) < 3 * 48  # within a few MLP channels
+    assert all(p["ppl"] is not None and p["ppl"] > 1 for p in report["phases"])
+    assert report["tokens_used"] == 48 * 16
+    lrs = [s["lr"] for s in steps]
+    assert max(lrs) == pytest.approx(2e-3) and lrs[-1] == pytest.approx(2e-4)  # one WSD schedule over phases
+    out = Path(cfg.output)
+    reloaded = load_pruned(out)
+    _assert_same_weights(reloaded, result.model)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in records].count("step") == 6
+    assert [r["event"] for r in records].count("prune") == 3
+    assert (out / "accel_progress.png").stat().st_size > 1000
+    assert json.loads((out / "pruning_report.json").read_text())["command"] == "accel"
+    assert not cfg.run_dir().exists()  # checkpoints removed after success
+    if variant.get("saliency") == "train":
+        prunes = [r for r in records if r["event"] == "prune"]
+        assert [p["saliency"] for p in prunes] == ["calib", "train", "train"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_at(step):
+    def hook(rec):
+        if rec["global_step"] == step:
+            raise Interrupt
+
+    return hook
+
+
+# The run every exactness test compares against: training-gradient saliency (so resuming must restore the
+# accumulated scores too) and micro-batches of 2, so that 2 DDP ranks see the same micro-batches.
+REF = dict(saliency="train", micro_batch=2)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, tmp_path_factory):
+    """An uninterrupted single-process run."""
+    return run(_cfg(model_dir, tmp_path_factory.mktemp("reference") / "out", **REF))
+
+
+@pytest.mark.parametrize("checkpoint_every,stop", [(0, 4), (2, 5)])
+def test_resume_after_interrupt_matches_uninterrupted(model_dir, tmp_path, reference, checkpoint_every, stop):
+    """(0, 4): resumes at the phase-2/3 boundary (re-prunes from the saved scores); (2, 5): mid-phase."""
+    cfg = _cfg(model_dir, tmp_path / "cut", checkpoint_every=checkpoint_every, **REF)
+    with pytest.raises(Interrupt):
+        run(cfg, on_step=_interrupt_at(stop))
+    assert latest_checkpoint(cfg.run_dir() / "checkpoints") is not None
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(cfg)
+    resumed = run(_cfg(model_dir, tmp_path / "cut", checkpoint_every=checkpoint_every, resume=True, **REF))
+    _assert_same_weights(reference.model, resumed.model)
+    assert [p["ppl"] for p in resumed.report["phases"]] == [p["ppl"] for p in reference.report["phases"]]
+    lines = (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()
+    assert sum(json.loads(x)["event"] == "step" for x in lines) == 6  # replayed steps are not logged twice
+
+
+def test_resume_after_sigkill_matches_uninterrupted(model_dir, tmp_path, reference):
+    cfg = _cfg(model_dir, tmp_path / "killed", checkpoint_every=1, **REF)
+    cmd = [sys.executable, "-m", "adapt_engine.cli", "accel", "--model", str(model_dir), "--output", cfg.output,
+           "--sparsity", "0.4", "--interleaves", "3", "--train-tokens", str(cfg.train_tokens), "--seq-len", "16",
+           "--global-batch", "8", "--micro-batch", "2", "--lr", "2e-3", "--min-lr", "2e-4", "--calib-samples", "8",
+           "--calib-seq-len", "16", "--calib-batch-size", "4", "--val-tokens", "256", "--prune-steps", "1",
+           "--saliency", "train", "--checkpoint-every", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    pointer = cfg.run_dir() / "checkpoints" / "latest.json"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not pointer.is_file():
+            time.sleep(0.01)
+        assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+        proc.send_signal(signal.SIGKILL)  # kill -9 right after its first checkpoint
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not Path(cfg.output).exists()
+    resumed = run(_cfg(model_dir, tmp_path / "killed", checkpoint_every=1, resume=True, **REF))
+    _assert_same_weights(reference.model, resumed.model)
+
+
+def test_corrupt_and_mismatched_checkpoints_are_clear_errors(model_dir, tmp_path):
+    cfg = _cfg(model_dir, tmp_path / "out", checkpoint_every=2)
+    with pytest.raises(Interrupt):
+        run(cfg, on_step=_interrupt_at(4))
+    with pytest.raises(CheckpointError, match="lr: checkpoint 0.002, now 0.001"):
+        run(_cfg(model_dir, tmp_path / "out", checkpoint_every=2, lr=1e-3, resume=True))
+    ckpt = latest_checkpoint(cfg.run_dir() / "checkpoints")
+    trainer = ckpt / "trainer.pt"
+    data = bytearray(trainer.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    trainer.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        run(_cfg(model_dir, tmp_path / "out", checkpoint_every=2, resume=True))
+    shutil.rmtree(cfg.run_dir())
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        run(_cfg(model_dir, tmp_path / "out", resume=True))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(model_dir, tmp_path, monkeypatch):
+    real = accel.train_step
+    calls = {"n": 0}
+
+    def poisoned(model, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:  # first step of phase 3, after the phase-2 boundary checkpoint (step 3)
+            with torch.no_grad():
+                model.model.embed_tokens.weight.fill_(float("nan"))
+        return real(model, *args, **kw)
+
+    monkeypatch.setattr(accel, "train_step", poisoned)
+    cfg = _cfg(model_dir, tmp_path / "out")
+    with pytest.raises(TrainingDivergedError, match=r"loss became nan at phase 3, step 3.*step-000000003"):
+        run(cfg)
+    ckpt = latest_checkpoint(cfg.run_dir() / "checkpoints")
+    assert ckpt.name == "step-000000003"
+    model, state = load_checkpoint(ckpt)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert state["position"] == {"phase": 2, "pruned": False, "step_in_phase": 0, "global_step": 3,
+                                 "tokens": 24 * 16}
+    assert not Path(cfg.output).exists()
+
+
+def test_cli_arguments_map_onto_config():
+    parser = argparse.ArgumentParser()
+    add_accel_arguments(parser)
+    args = parser.parse_args(["--output", "o", "--target-params", "1000", "--interleaves", "5",
+                              "--reset-optimizer", "--saliency", "train"])
+    cfg = config_from_args(args)
+    assert (cfg.target_params, cfg.interleaves, cfg.reset_optimizer, cfg.saliency) == (1000, 5, True, "train")
+    assert (cfg.global_batch, cfg.lr, cfg.min_lr, cfg.warmup, cfg.decay, cfg.amplitude) == (
+        128, 2e-5, 2e-6, 0.05, 0.10, 0.02)  # the paper's settings are the defaults
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--output", "o", "--sparsity", "0.5", "--target-params", "10"])
+    with pytest.raises(ValueError, match="exactly one"):
+        AccelConfig(output="o").validate()
+    with pytest.raises(ValueError, match="--saliency train"):
+        AccelConfig(output="o", sparsity=0.5, saliency="train", importance="magnitude").validate()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed: 2 processes (gloo, CPU), DDP and FSDP2, end identical to each other and to one process
+# ---------------------------------------------------------------------------------------------------------
+
+WORKER = """
+import json, os, sys, torch
+from adapt_engine.accel import AccelConfig, run
+result = run(AccelConfig(**json.loads(sys.argv[1])))
+torch.save(result.model.state_dict(), os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_single_process(model_dir, tmp_path, reference, mode):
+    """Same global batch on 2 gloo ranks: both ranks end bitwise identical, and equal to one process up to the
+    order of the gradient reduction sums. FSDP2 also checkpoints mid-phase (gathering the shards back)."""
+    from dataclasses import asdict
+
+    # 8 calibration samples in batches of 4: one batch per rank, so the summed saliency is the same sum.
+    if mode == "ddp":
+        cfg = _cfg(model_dir, tmp_path / mode, **REF)
+    else:  # FSDP2 shards the gradients, so its prunes use calibration saliency; compared with its own reference
+        cfg = _cfg(model_dir, tmp_path / mode, micro_batch=2, fsdp=True, checkpoint_every=2)
+        reference = run(_cfg(model_dir, tmp_path / "single", micro_batch=2))
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(script), json.dumps(asdict(cfg)), str(tmp_path)],
+                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    errs = [p.communicate(timeout=300)[1].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    single = reference.model.state_dict()
+    assert r0.keys() == r1.keys() == single.keys()
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), f"ranks differ in {k}"
+        assert r0[k].shape == single[k].shape, f"{k}: DDP pruned to {r0[k].shape}, one process to {single[k].shape}"
+        torch.testing.assert_close(r0[k], single[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    assert Path(cfg.output, "config.json").is_file()  # rank 0 saved the model
