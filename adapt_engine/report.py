@@ -20,7 +20,7 @@ def format_report(report: dict) -> str:
         "adapt-engine prune report",
         "=" * 64,
         f"model          {report['model']}",
-        f"settings       " + ", ".join(f"{k}={v}" for k, v in report["settings"].items()),
+        "settings       " + ", ".join(f"{k}={v}" for k, v in report["settings"].items()),
         f"parameters     {_fmt(before)} -> {_fmt(after)}  ({100 * (1 - after / before):.2f}% fewer)",
         f"prunable       {_fmt(pb)} -> {_fmt(pa)}  (sparsity {100 * (1 - pa / pb):.2f}%, "
         f"target {_fmt(report['target_params'])} total, off by {after - report['target_params']:+,})",
