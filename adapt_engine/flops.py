@@ -58,7 +58,7 @@ class ModelShape:
     @property
     def linear_flops_per_token(self) -> int:
         """FLOPs of every matmul with a weight, for one token (context-independent part)."""
-        return 2 * (sum(sum(layer.linear_macs.values()) for layer in self.layers) + self.head_macs + self.other_macs)
+        return self.layer_linear_flops_per_token + self.head_flops_per_token
 
     @property
     def layer_linear_flops_per_token(self) -> int:
@@ -92,12 +92,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layer list: the longest ModuleList whose every entry holds a ``q_proj``."""
     best: nn.ModuleList | None = None
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and (best is None or len(module) > len(best)):
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if best is None or len(module) > len(best):
             if all(isinstance(_find(layer, "q_proj"), nn.Linear) for layer in module):
                 best = module
     if best is None:
         raise UnsupportedShapeError(
-            f"{type(model).__name__} has no list of decoder layers with nn.Linear q_proj/k_proj/v_proj/o_proj; "
+            f"{type(model).__name__} has no list of decoder layers with nn.Linear q/k/v/o_proj; "
             "FLOPs are counted for Llama-style decoders (Llama, Mistral, Qwen2/2.5, Qwen3). "
             "Pass a *ForCausalLM model of one of those families."
         )
@@ -183,7 +185,7 @@ def prefill_flops(shape: ModelShape, batch_size: int, prompt_len: int, logits_to
 
 
 def decode_flops(shape: ModelShape, batch_size: int, prompt_len: int, new_tokens: int) -> int:
-    """FLOPs of the ``new_tokens - 1`` cached decode steps that follow a prefill (the first token comes from it)."""
+    """FLOPs of the ``new_tokens - 1`` cached decode steps after a prefill (which yields the first token)."""
     steps = max(new_tokens - 1, 0)
     # Step j (1..steps) feeds one token that attends to prompt_len + j cached-plus-own positions.
     context_sum = steps * prompt_len + steps * (steps + 1) // 2

@@ -99,6 +99,16 @@ def _build(interpret: bool):
     import triton
     import triton.language as tl
 
+    try:
+        from triton import knobs
+    except ImportError:  # triton < 3.4 reads TRITON_INTERPRET from the environment at decoration
+        return _decorate(triton, tl), tl
+    with knobs.runtime.scope():
+        knobs.runtime.interpret = interpret
+        return _decorate(triton, tl), tl
+
+
+def _decorate(triton, tl):
     @triton.jit
     def adamw_multi_tensor_kernel(
         addr_ptr,  # int64 [T, 4]: addresses of param, grad, exp_avg, exp_avg_sq of tensor t
@@ -125,7 +135,9 @@ def _build(interpret: bool):
         m_ptr = tl.load(addr_ptr + 4 * t + 2).to(tl.pointer_type(S_DTYPE))
         v_ptr = tl.load(addr_ptr + 4 * t + 3).to(tl.pointer_type(S_DTYPE))
         lanes = tl.arange(0, BLOCK)
-        for it in tl.range(0, ITERS):
+        # Small tensors (norms, biases) need fewer than ITERS blocks: stop at the tensor's end.
+        n_iters = tl.minimum(ITERS, (n - start + BLOCK - 1) // BLOCK)
+        for it in tl.range(0, n_iters):
             idx = start + it * BLOCK + lanes
             mask = idx < n
             p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
@@ -141,7 +153,7 @@ def _build(interpret: bool):
             tl.store(m_ptr + idx, m.to(S_DTYPE), mask=mask)
             tl.store(v_ptr + idx, v.to(S_DTYPE), mask=mask)
 
-    return adamw_multi_tensor_kernel, tl
+    return adamw_multi_tensor_kernel
 
 
 def triton_kernel():

@@ -288,8 +288,11 @@ def test_cli_arguments_map_onto_config():
 WORKER = """
 import json, os, sys, torch
 from adapt_engine.accel import AccelConfig, run
-result = run(AccelConfig(**json.loads(sys.argv[1])))
-torch.save(result.model.state_dict(), os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
+torch.set_num_threads(1)
+for i, (cfg, port) in enumerate(json.loads(sys.argv[1])):
+    os.environ["MASTER_PORT"] = str(port)  # a fresh rendezvous for each run's process group
+    result = run(AccelConfig(**cfg))
+    torch.save(result.model.state_dict(), os.path.join(sys.argv[2], f"run{i}-rank{os.environ['RANK']}.pt"))
 """
 
 
@@ -299,35 +302,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_match_single_process(model_dir, tmp_path, reference, mode):
-    """Same global batch on 2 gloo ranks: both ranks end bitwise identical, and equal to one process up to the
-    order of the gradient reduction sums. FSDP2 also checkpoints mid-phase (gathering the shards back)."""
+def test_two_processes_match_single_process(model_dir, tmp_path, reference):
+    """The same global batch on 2 gloo ranks, with DDP and then with FSDP2 (which also checkpoints
+    mid-phase, gathering its shards back): the ranks end bitwise identical, and equal to one process up
+    to the order of the gradient reductions."""
     from dataclasses import asdict
 
     # 8 calibration samples in batches of 4: one batch per rank, so the summed saliency is the same sum.
-    if mode == "ddp":
-        cfg = _cfg(model_dir, tmp_path / mode, **REF)
-    else:  # FSDP2 shards the gradients, so its prunes use calibration saliency; compared with its own reference
-        cfg = _cfg(model_dir, tmp_path / mode, micro_batch=2, fsdp=True, checkpoint_every=2)
-        reference = run(_cfg(model_dir, tmp_path / "single", micro_batch=2))
+    ddp = _cfg(model_dir, tmp_path / "ddp", **REF)
+    # FSDP2 shards the gradients, so its prunes use calibration saliency: it gets its own reference.
+    fsdp = _cfg(model_dir, tmp_path / "fsdp", micro_batch=2, fsdp=True, checkpoint_every=2)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    port = _free_port()
+    plan = json.dumps([(asdict(ddp), _free_port()), (asdict(fsdp), _free_port())])
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(script), json.dumps(asdict(cfg)), str(tmp_path)],
+                   OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(script), plan, str(tmp_path)],
                                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    errs = [p.communicate(timeout=300)[1].decode() for p in procs]
+    errs = [p.communicate(timeout=600)[1].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
-    single = reference.model.state_dict()
-    assert r0.keys() == r1.keys() == single.keys()
-    for k in r0:
-        assert torch.equal(r0[k], r1[k]), f"ranks differ in {k}"
-        assert r0[k].shape == single[k].shape, f"{k}: DDP pruned to {r0[k].shape}, one process to {single[k].shape}"
-        torch.testing.assert_close(r0[k], single[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
-    assert Path(cfg.output, "config.json").is_file()  # rank 0 saved the model
+    fsdp_reference = run(_cfg(model_dir, tmp_path / "single", micro_batch=2))
+    singles = [reference.model.state_dict(), fsdp_reference.model.state_dict()]
+    for i, (mode, single) in enumerate(zip(("ddp", "fsdp"), singles)):
+        r0 = torch.load(tmp_path / f"run{i}-rank0.pt")
+        r1 = torch.load(tmp_path / f"run{i}-rank1.pt")
+        assert r0.keys() == r1.keys() == single.keys()
+        for k in r0:
+            assert torch.equal(r0[k], r1[k]), f"{mode}: ranks differ in {k}"
+            assert r0[k].shape == single[k].shape, f"{mode} {k}: pruned to {r0[k].shape}, one process {single[k].shape}"
+            torch.testing.assert_close(r0[k], single[k], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, k=k, mode=mode: f"{mode} {k}: {m}")
+    assert Path(ddp.output, "config.json").is_file() and Path(fsdp.output, "config.json").is_file()  # rank 0 saved

@@ -1,0 +1,219 @@
+"""Atomic training checkpoints for Adapt-Accel, and resuming from them.
+
+Layout of a checkpoint folder (``<dir>/step-000042/``)::
+
+    model/        the (pruned) model in the reloadable save_pruned format: safetensors + config.json with
+                  every layer's head count, KV head count and MLP width, so the shapes are rebuilt
+    trainer.pt    optimizer state, schedule, data position, RNG states of every rank, run bookkeeping
+    meta.json     format version, position, and a SHA-256 of every file above (written last)
+
+and ``<dir>/latest.json`` names the newest complete one. A checkpoint is written into a temporary
+folder, renamed into place, and only then does ``latest.json`` move to it (``os.replace``), so a
+``kill -9`` at any moment leaves the previous checkpoint intact and pointed to. Older checkpoints are
+removed after the pointer has moved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT_VERSION = 1
+LATEST = "latest.json"
+META = "meta.json"
+TRAINER = "trainer.pt"
+MODEL_DIR = "model"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not belong to this run."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def rng_state() -> dict:
+    """Every RNG this process draws from (torch CPU and CUDA, Python, NumPy if present)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Inverse of :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No "Writing model shards" bar in the middle of the training progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def save_checkpoint(
+    directory: str | Path, step: int, model, tokenizer, trainer_state: dict, keep: int = 1,
+) -> Path:
+    """Write checkpoint ``step`` atomically, point ``latest.json`` at it, keep the newest ``keep``."""
+    from .saving import save_pruned
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:09d}"
+    final = directory / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=directory))
+    try:
+        with _quiet_transformers():
+            save_pruned(model, tokenizer, tmp / MODEL_DIR, report=None)
+        torch.save(trainer_state, tmp / TRAINER)
+        _fsync(tmp / TRAINER)
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "files": {str(p.relative_to(tmp)): _sha256(p) for p in files},
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        _fsync(tmp / META)
+        if final.exists():  # a stale copy of the same step (from before a resume): replace it
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _atomic_write_text(directory / LATEST, json.dumps({"checkpoint": name, "step": step}))
+    _prune_old(directory, keep=keep, current=name)
+    return final
+
+
+def _prune_old(directory: Path, keep: int, current: str) -> None:
+    ckpts = sorted(p for p in directory.glob("step-*") if p.is_dir() and not p.name.startswith("."))
+    for old in ckpts[: max(0, len(ckpts) - max(1, keep))]:
+        if old.name != current:
+            shutil.rmtree(old, ignore_errors=True)
+    for junk in directory.glob(".step-*.tmp-*"):  # left by a process killed mid-write
+        shutil.rmtree(junk, ignore_errors=True)
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The folder ``latest.json`` points to, or None when the directory holds no checkpoint yet."""
+    directory = Path(directory)
+    pointer = directory / LATEST
+    if not pointer.is_file():
+        return None
+    try:
+        name = json.loads(pointer.read_text())["checkpoint"]
+    except (json.JSONDecodeError, KeyError, OSError) as err:
+        raise CheckpointError(f"{pointer} is corrupt ({err}); delete it to resume from an older step-* folder "
+                              f"by hand, or start over without --resume") from err
+    path = directory / name
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} names '{name}', which does not exist in {directory}; the checkpoint "
+                              f"folder was edited. Start over without --resume")
+    return path
+
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """Check the format version and every file's SHA-256; returns meta.json's content."""
+    path = Path(path)
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path} has no {META}: the checkpoint is incomplete; start over without --resume")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{meta_path} is corrupt ({err}); start over without --resume") from err
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {meta.get('format_version')}, this adapt-engine reads "
+            f"{FORMAT_VERSION}; resume it with the adapt-engine version that wrote it"
+        )
+    for rel, digest in meta["files"].items():
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint file {f} is missing; the checkpoint is damaged")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"checkpoint file {f} is corrupt (SHA-256 mismatch); the checkpoint is damaged. "
+                                  f"Start over without --resume")
+    return meta
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
+    """(model, trainer_state) from a verified checkpoint folder; the model has the recorded layer widths."""
+    from .saving import load_pruned
+
+    path = Path(path)
+    verify_checkpoint(path)
+    model = load_pruned(path / MODEL_DIR, device=device, dtype=dtype)
+    try:
+        state = torch.load(path / TRAINER, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
+        raise CheckpointError(f"{path / TRAINER} cannot be read ({err}); the checkpoint is damaged") from err
+    return model, state
+
+
+def check_compatible(saved: dict, current: dict) -> None:
+    """Raise naming every run setting that differs between a checkpoint and this invocation."""
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
+             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if diffs:
+        raise CheckpointError(
+            "--resume with settings that differ from the interrupted run:\n  " + "\n  ".join(diffs)
+            + "\nRe-run with the original settings, or start over without --resume (and a fresh --output)"
+        )
