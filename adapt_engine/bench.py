@@ -510,8 +510,8 @@ class BenchResult:
                 rows.append(row)
         lines += _align([header, *rows])
         peak = "allocator peak" if env["device"].startswith("cuda") else "peak RSS growth"
-        lines += ["", "GFLOP/tok: weight matmuls per token incl. LM head; "
-                  f"peak MiB: weights + working memory ({peak})"]
+        lines += ["", "GFLOP/tok: weight matmuls per token incl. LM head; decode ms/tok: one step, which "
+                  f"yields one token per sequence; peak MiB: weights + working memory ({peak})"]
         return "\n".join(lines)
 
     def write_json(self, path: str | os.PathLike) -> Path:

@@ -56,18 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=4)
     ev.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
 
-    try:
-        from .bench import add_bench_arguments
-    except ImportError:  # bench module absent in a partial checkout
-        add_bench_arguments = None
-    if add_bench_arguments is not None:
-        add_bench_arguments(sub.add_parser("bench", help="latency of dense vs pruned models"))
-    try:
-        from .accel import add_accel_arguments
-    except ImportError:
-        add_accel_arguments = None
-    if add_accel_arguments is not None:
-        add_accel_arguments(sub.add_parser("accel", help="Adapt-Accel: interleaved pruning and training"))
+    from .accel import add_accel_arguments
+    from .bench import add_bench_arguments
+
+    add_bench_arguments(sub.add_parser("bench", help="latency of dense vs pruned models"))
+    add_accel_arguments(sub.add_parser("accel", help="Adapt-Accel: interleaved pruning and training"))
     return parser
 
 

@@ -126,10 +126,7 @@ def run_prune(args) -> dict:
 
 def _print_quick_bench(args, pruned) -> None:
     """Measured speedup of the pruned model over the dense one (a short bench)."""
-    try:
-        from .bench import format_quick_speedup, quick_speedup
-    except ImportError:
-        return
+    from .bench import format_quick_speedup, quick_speedup
     from .models import load_model
 
     dense, _ = load_model(args.model, device=args.device, dtype=args.dtype)

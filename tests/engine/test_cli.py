@@ -73,3 +73,9 @@ def test_pruned_output_can_be_pruned_again(tmp_path, tiny_model_dir):
     b = json.loads((second / "pruning_report.json").read_text())
     assert b["params_before"] == a["params_after"] > b["params_after"]
     assert load_pruned(second).config.layer_intermediate_sizes == [w["intermediate_size"] for w in b["widths_after"]]
+
+
+def test_prune_prints_measured_speedup(tmp_path, tiny_model_dir, capsys):
+    args = [a for a in _prune_args(tiny_model_dir, tmp_path / "s", "--sparsity", "0.4") if a != "--no-bench"]
+    assert main(args) == 0
+    assert "speedup" in capsys.readouterr().out.lower()
