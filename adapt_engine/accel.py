@@ -860,7 +860,6 @@ def format_report(report: dict) -> str:
 
 def plot_progress(records: list[dict], path: Path) -> Path:
     """PNG: training loss and parameter count over tokens, held-out perplexity per phase (atomic write)."""
-    import tempfile
 
     import matplotlib
 
@@ -887,16 +886,9 @@ def plot_progress(records: list[dict], path: Path) -> Path:
     ax3.set_ylabel("held-out perplexity")
     ax3.set_xlabel("training tokens")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    from .report import save_figure
+
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------------

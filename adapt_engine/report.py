@@ -74,6 +74,14 @@ def plot_report(report: dict, path: str | Path) -> Path:
         axes[2].legend(loc="best")
     fig.suptitle(f"{report['model']}: {report['params_before']:,} -> {report['params_after']:,} params")
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG atomically (temp file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
     os.close(fd)
     try:

@@ -150,12 +150,16 @@ SIGNATURE = {
 
 def _ptxas_usage(ptx: str, arch: int, tmp_path) -> tuple[int, int]:
     """(registers, spill bytes) reported by Triton's bundled ptxas for one kernel."""
-    from triton.backends.nvidia.compiler import get_ptxas
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
 
+        ptxas = get_ptxas(arch).path
+    except Exception as exc:  # noqa: BLE001 - no bundled or installed ptxas for this arch
+        pytest.skip(f"ptxas unavailable: {exc}")
     src = tmp_path / f"adamw_sm{arch}.ptx"
     src.write_text(ptx)
     target = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)  # e.g. sm_90a for Hopper
-    cmd = [get_ptxas(arch).path, "-v", f"--gpu-name={target}", str(src), "-o", str(src) + ".cubin"]
+    cmd = [ptxas, "-v", f"--gpu-name={target}", str(src), "-o", str(src) + ".cubin"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
     regs = int(re.search(r"Used (\d+) registers", out).group(1))
     spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
@@ -166,14 +170,14 @@ def _ptxas_usage(ptx: str, arch: int, tmp_path) -> tuple[int, int]:
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("pdt,sdt", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                      (torch.bfloat16, torch.bfloat16)])
-def test_aot_compiles_without_spills(arch, pdt, sdt, tmp_path, monkeypatch):
+def test_aot_compiles_without_spills(arch, pdt, sdt, tmp_path):
     import triton
     from adapt_engine.kernels.adamw import NUM_WARPS, triton_constexprs, triton_kernel
     from triton.backends.compiler import GPUTarget
 
-    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
     src = triton.compiler.ASTSource(triton_kernel(), SIGNATURE, triton_constexprs(pdt, sdt))
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": NUM_WARPS, "enable_fp_fusion": True})
     assert compiled.asm["cubin"], "no cubin produced"
     regs, spills = _ptxas_usage(compiled.asm["ptx"], arch, tmp_path)
     assert spills == 0, f"sm_{arch}: {spills} bytes of register spills"
