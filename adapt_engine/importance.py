@@ -91,25 +91,11 @@ def _score_tensor(
     weight: torch.Tensor, grad: torch.Tensor | None, member: Member, metric: str, out: torch.Tensor,
     fisher: torch.Tensor | None = None,
 ) -> None:
-    """Add one tensor's saliency into its group bucket (kernels for matrices, torch for biases)."""
+    """Add one tensor's saliency (a matrix or a 1-D bias) into its group bucket with the fused kernel."""
     from .kernels import group_saliency
 
-    if weight.dim() == 1:  # biases: tiny, plain torch
-        w = weight.detach().float()
-        if metric == "magnitude":
-            val = w.abs()
-        elif metric == "vectorize":
-            val = w * grad.float()  # signed; |.| taken once the whole group is summed
-        elif metric == "param_mix":
-            g = grad.float()
-            fisher.add_(g * g)
-            val = (w * g - 0.5 * w * w * fisher).abs()
-        else:
-            val = (w * grad.float()).abs()
-        out.add_(val.view(-1, member.group_size).sum(1))
-        return
-    kw = {"fisher": fisher} if metric == "param_mix" else {}
-    group_saliency(weight.detach(), grad, member.dim, group_size=member.group_size, metric=metric, out=out, **kw)
+    group_saliency(weight.detach(), grad, member.dim, group_size=member.group_size, metric=metric, out=out,
+                   fisher=fisher)
 
 
 class SaliencyCollector:

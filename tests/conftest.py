@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from tiny_models import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread. On a shared 2-core box, OpenMP barriers across busy cores make
+    microsecond ops take milliseconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

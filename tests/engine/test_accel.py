@@ -33,15 +33,7 @@ from adapt_engine.accel import (
 )
 from adapt_engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread. On a shared 2-core box, OpenMP barriers across busy cores make
-    microsecond ops take milliseconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---------------------------------------------------------------------------------------------------------
 # Phase arithmetic and data plan

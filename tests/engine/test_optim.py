@@ -21,14 +21,7 @@ CPU_BACKENDS = ["torch-fused", "torch-foreach"]
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread. On a shared 2-core box, OpenMP barriers across busy cores make
-    microsecond ops take milliseconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(params=CPU_BACKENDS + ["triton"])
 def backend(request, monkeypatch):
