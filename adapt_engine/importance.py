@@ -109,17 +109,17 @@ class SaliencyCollector:
         self.members = group_members(adapter)
         device = next(adapter.model.parameters()).device
         self.scores = GroupScores.zeros(adapter, device=device)
-        # 'vectorize' sums w*g signed per micro-batch then takes |.|; param_mix needs a Fisher trace.
-        self._signed: dict[nn.Parameter, torch.Tensor] = {}
+        # 'vectorize' sums w*g signed over each whole group (all its matrices) per micro-batch, then takes |.|;
+        # param_mix needs a Fisher trace per parameter.
+        self._signed = GroupScores.zeros(adapter, device=device) if metric == "vectorize" else None
         self._fisher: dict[nn.Parameter, torch.Tensor] = {}
         self._handles: list = []
 
     def _hook(self, param: nn.Parameter) -> None:
         member = self.members[param]
         out = self.scores.bucket(member.layer, member.bucket)
-        if self.metric == "vectorize":
-            buf = self._signed.setdefault(param, torch.zeros_like(out))
-            _score_tensor(param, param.grad, member, "vectorize", buf)
+        if self._signed is not None:
+            _score_tensor(param, param.grad, member, "vectorize", self._signed.bucket(member.layer, member.bucket))
         else:
             fisher = None
             if self.metric == "param_mix":
@@ -129,11 +129,10 @@ class SaliencyCollector:
 
     def end_micro_batch(self) -> None:
         """Close one micro-batch (``vectorize`` turns its signed sums into |.| here)."""
-        if self.metric == "vectorize":
-            for param, buf in self._signed.items():
-                m = self.members[param]
-                self.scores.bucket(m.layer, m.bucket).add_(buf.abs())
-                buf.zero_()
+        if self._signed is not None:
+            for total, signed in zip(self.scores.all_tensors(), self._signed.all_tensors()):
+                total.add_(signed.abs())
+                signed.zero_()
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[SaliencyCollector]:

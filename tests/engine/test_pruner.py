@@ -112,3 +112,17 @@ def test_unsupported_family_is_named():
     cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)
     with pytest.raises(UnsupportedModelError, match="llama, mistral, qwen2, qwen3"):
         DecoderAdapter(transformers.GPT2LMHeadModel(cfg))
+
+
+def test_vectorize_takes_abs_of_the_whole_group_sum():
+    model = make_tiny_model("llama", True)
+    adapter = DecoderAdapter(model)
+    calib = _calib(4)
+    _, scores, _ = calibration_pass(adapter, calib, batch_size=4, similarity=None, saliency_metric="vectorize")
+    ref = copy.deepcopy(model)
+    ref(input_ids=calib, labels=calib).loss.backward()
+    mlp = ref.model.layers[0].mlp
+    signed = (mlp.gate_proj.weight * mlp.gate_proj.weight.grad).sum(1)
+    signed += (mlp.up_proj.weight * mlp.up_proj.weight.grad).sum(1)
+    signed += (mlp.down_proj.weight * mlp.down_proj.weight.grad).sum(0)
+    torch.testing.assert_close(scores.mlp[0], signed.abs().detach(), rtol=1e-4, atol=1e-6)
