@@ -8,16 +8,12 @@
 // Why this is safe in place: gap(i) = src(i) - i is >= 0 and non-decreasing in i, so moving
 // items in ascending order never overwrites a source that is still to be read (runs of items
 // that overlap their own destination use memmove). With one thread that is the whole story.
-// For several threads:
-//   * wide items (rows of a row gather, >= kSliceMinBytes): every byte offset inside an item
-//     obeys the same ascending rule on its own, so threads take disjoint byte ranges of every
-//     item and each walks all items in ascending order. No buffer, one pass.
-//   * narrow items (a column gather: one element per item): a chunk of items [i0, i1) reads
-//     only positions >= src(i0) = i0 + gap(i0), so when gap(i0) >= i1 - i0 its reads and
-//     writes are disjoint and the chunk is copied by all threads at once ("direct" chunk).
-//     While the gap is still small (the first rows, or keeping almost everything) a large
-//     tensor's chunks are gathered into a bounded bounce buffer and written back; a small
-//     remainder is simply finished on one thread.
+// With several, a chunk of items [i0, i1) reads only positions >= src(i0) = i0 + gap(i0), so
+// once gap(i0) >= i1 - i0 its reads and writes are disjoint and all threads copy it at once
+// ("direct" chunk, split by bytes, so a few huge items are shared too). The gap only grows,
+// so the chunks grow geometrically. Before the gap is large enough, items are moved on one
+// thread in short steps; if the gap stays small over a large remainder (keeping almost every
+// channel), chunks are read into a bounded bounce buffer by all threads and written back.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -27,6 +23,9 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(_OPENMP)
+#include <omp.h>
 #endif
 
 #include "ops.h"
@@ -38,14 +37,13 @@ inline int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Bounce buffer budget: fits the L2 cache of one core, so the round trip stays on chip.
 constexpr int64_t kTempBytes = 512 * 1024;
-// Below this many bytes a copy runs on one thread.
-constexpr int64_t kParallelMinBytes = 256 * 1024;
-// Items at least this wide are split across threads by byte range (no bounce buffer).
+// Below this many bytes a copy runs on one thread: a fork/join costs about as much as
+// copying this much from cache.
+constexpr int64_t kParallelMinBytes = 64 * 1024;
+// Items at least this wide may be split between threads (at cache-line units).
 constexpr int64_t kSliceMinBytes = 1024;
-// A narrow-item remainder smaller than this finishes on one thread instead of bouncing.
+// A small-gap remainder smaller than this finishes in single-thread steps instead of bouncing.
 constexpr int64_t kBounceMinBytes = 4 << 20;
-// Bytes handed to one thread at a time.
-constexpr int64_t kGrainBytes = 64 * 1024;
 // Runs of consecutive kept channels shorter than this (in bytes) are not copied run by run but
 // with a vector compress by keep mask (AVX-512), else element by element.
 constexpr int64_t kMinRunBytes = 64;
@@ -195,48 +193,29 @@ void copy_items(const Layout& p, char* out, int64_t i0, int64_t i1) {
   }
 }
 
-// copy_items over threads (items [i0, i1) must not read what another thread writes).
-void parallel_copy_items(const Layout& p, char* out, int64_t i0, int64_t i1) {
+// Copies the bytes [x0, x1) of the compacted tensor (offsets from its start) to out: whole
+// items through copy_items, a partial item at either end byte-wise.
+void copy_bytes(const Layout& p, int64_t x0, int64_t x1, char* out) {
   const int64_t ib = p.item_bytes;
-  if ((i1 - i0) * ib < kParallelMinBytes) {
-    copy_items(p, out, i0, i1);
-    return;
-  }
-  const int64_t grain = std::max<int64_t>(1, kGrainBytes / ib);
-  at::parallel_for(i0, i1, grain, [&](int64_t b, int64_t e) { copy_items(p, out + (b - i0) * ib, b, e); });
-}
-
-// Moves items [i0, total) in place, threads splitting every item by byte range.
-void sliced_inplace(const Layout& p, int64_t i0, int64_t total) {
-  const int64_t ib = p.item_bytes;
-  const int64_t nt = at::get_num_threads();
-  const int64_t grain = std::max<int64_t>(kSliceMinBytes / 2, divup(ib, nt * 64) * 64);
-  at::parallel_for(0, ib, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t i = i0; i < total; ++i) {
+  while (x0 < x1) {
+    const int64_t i = x0 / ib, o = x0 - i * ib;
+    int64_t n;
+    if (o == 0 && x1 - x0 >= ib) {
+      const int64_t i1 = x1 / ib;
+      copy_items(p, out, i, i1);
+      n = (i1 - i) * ib;
+    } else {
       const int64_t a = i / p.K;
-      std::memmove(p.base + i * ib + b0, p.src(a, i - a * p.K) + b0, b1 - b0);
+      n = std::min(ib - o, x1 - x0);
+      std::memmove(out, p.src(a, i - a * p.K) + o, n);
     }
-  });
-}
-
-void parallel_memcpy(char* dst, const char* src, int64_t bytes) {
-  if (bytes < kParallelMinBytes) {
-    std::memcpy(dst, src, bytes);
-    return;
+    out += n;
+    x0 += n;
   }
-  at::parallel_for(0, bytes, kGrainBytes, [&](int64_t b, int64_t e) { std::memcpy(dst + b, src + b, e - b); });
 }
 
-}  // namespace
-
-int64_t gather_temp_budget_bytes() { return kTempBytes; }
-
-int64_t gather_inplace_cpu(at::Tensor& tensor, const at::Tensor& index, int64_t dim) {
-  TORCH_CHECK(tensor.is_contiguous(), "gather_inplace_cpu expects a contiguous tensor");
-  TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous() && index.dim() == 1,
-              "gather_inplace_cpu expects a contiguous int64 index");
-  TORCH_CHECK(dim >= 0 && dim < tensor.dim(), "dim out of range");
-  Layout p;
+// Builds the layout of one contiguous tensor; false when nothing has to move.
+bool make_layout(const at::Tensor& tensor, const at::Tensor& index, int64_t dim, Layout& p) {
   p.A = 1;
   for (int64_t d = 0; d < dim; ++d) p.A *= tensor.size(d);
   p.N = tensor.size(dim);
@@ -245,7 +224,7 @@ int64_t gather_inplace_cpu(at::Tensor& tensor, const at::Tensor& index, int64_t 
   p.K = index.numel();
   p.item_bytes = B * static_cast<int64_t>(tensor.element_size());
   p.idx = index.const_data_ptr<int64_t>();
-  if (p.K == p.N || p.K == 0 || p.A == 0 || p.item_bytes == 0) return 0;  // identity or nothing to move
+  if (p.K == p.N || p.K == 0 || p.A == 0 || p.item_bytes == 0) return false;  // identity or empty
   p.base = static_cast<char*>(tensor.data_ptr());
 
   int64_t n_runs = 0;
@@ -264,7 +243,83 @@ int64_t gather_inplace_cpu(at::Tensor& tensor, const at::Tensor& index, int64_t 
   } else {
     p.mode = CopyMode::kElements;
   }
+  return true;
+}
 
+// The schedule of one compaction: chunks of items run in this order, each finished by every
+// thread before the next starts.
+struct Chunk {
+  enum Kind { kSerial, kDirect, kBounce } kind;
+  int64_t i0, i1;
+};
+
+std::vector<Chunk> plan_chunks(const Layout& p, int64_t i, int64_t bounce_items) {
+  const int64_t total = p.A * p.K, ib = p.item_bytes;
+  const int64_t step_items = std::max<int64_t>(1, kParallelMinBytes / ib);
+  std::vector<Chunk> plan;
+  while (i < total) {
+    const int64_t a = i / p.K;
+    const int64_t gap = a * p.N + p.idx[i - a * p.K] - i;
+    Chunk c{Chunk::kSerial, i, 0};
+    if (gap * ib >= kParallelMinBytes) {
+      // Direct: the chunk reads only positions >= i + gap, all past its own writes.
+      c = {Chunk::kDirect, i, std::min(total, i + gap)};
+    } else if ((total - i) * ib >= kBounceMinBytes) {
+      // The gap stays small over a large remainder: read a chunk into the buffer, then write it.
+      c = {Chunk::kBounce, i, std::min(total, i + bounce_items)};
+    } else {
+      // One thread, ascending, in place: safe for any gap; the gap grows as items move.
+      c.i1 = std::min(total, i + step_items);
+    }
+    if (c.kind == Chunk::kSerial && !plan.empty() && plan.back().kind == Chunk::kSerial) {
+      plan.back().i1 = c.i1;
+    } else {
+      plan.push_back(c);
+    }
+    i = c.i1;
+  }
+  return plan;
+}
+
+// Thread tid's share of copying items [i0, i1) to out (cache-line units for wide items,
+// whole items for narrow ones, which the compress and element paths never split).
+void copy_share(const Layout& p, char* out, int64_t i0, int64_t i1, int64_t tid, int64_t nth) {
+  const int64_t ib = p.item_bytes;
+  const int64_t bytes = (i1 - i0) * ib;
+  const int64_t unit = ib < kSliceMinBytes ? ib : 64;
+  const int64_t per = divup(divup(bytes, unit), nth) * unit;
+  const int64_t b0 = std::min(bytes, tid * per), b1 = std::min(bytes, b0 + per);
+  if (b0 < b1) copy_bytes(p, i0 * ib + b0, i0 * ib + b1, out + b0);
+}
+
+void memcpy_share(char* dst, const char* src, int64_t bytes, int64_t tid, int64_t nth) {
+  const int64_t per = divup(divup(bytes, 64), nth) * 64;
+  const int64_t b0 = std::min(bytes, tid * per), b1 = std::min(bytes, b0 + per);
+  if (b0 < b1) std::memcpy(dst + b0, src + b0, b1 - b0);
+}
+
+// Runs chunk c as thread tid of nth; barrier() must synchronise all nth threads.
+template <typename Barrier>
+void run_chunk(const Layout& p, const Chunk& c, char* bounce, int64_t tid, int64_t nth, Barrier&& barrier) {
+  char* dst = p.base + c.i0 * p.item_bytes;
+  switch (c.kind) {
+    case Chunk::kSerial:
+      if (tid == 0) copy_items(p, dst, c.i0, c.i1);
+      break;
+    case Chunk::kDirect:
+      copy_share(p, dst, c.i0, c.i1, tid, nth);
+      break;
+    case Chunk::kBounce:
+      copy_share(p, bounce, c.i0, c.i1, tid, nth);
+      barrier();
+      memcpy_share(dst, bounce, (c.i1 - c.i0) * p.item_bytes, tid, nth);
+      break;
+  }
+  barrier();
+}
+
+// Moves every kept item of p to its place; returns the bounce-buffer bytes used.
+int64_t compact(const Layout& p) {
   // Items already in place (idx[k] == k in the first slab) need no copy.
   int64_t i = 0;
   while (i < p.K && p.idx[i] == i) ++i;
@@ -273,39 +328,103 @@ int64_t gather_inplace_cpu(at::Tensor& tensor, const at::Tensor& index, int64_t 
   const int64_t total = p.A * p.K;
   const int64_t ib = p.item_bytes;
   const int64_t nt = at::get_num_threads();
-  if (nt == 1 || (total - i) * ib < kParallelMinBytes) {
+  if (nt == 1 || at::in_parallel_region() || (total - i) * ib < kParallelMinBytes) {
     copy_items(p, p.base + i * ib, i, total);
     return 0;
   }
-  if (ib >= kSliceMinBytes) {
-    sliced_inplace(p, i, total);
+  const int64_t bounce_items = std::max<int64_t>(1, kTempBytes / ib);
+  const std::vector<Chunk> plan = plan_chunks(p, i, bounce_items);
+  if (plan.size() == 1 && plan[0].kind == Chunk::kSerial) {
+    copy_items(p, p.base + i * ib, i, total);
     return 0;
   }
-  const int64_t bounce_items = std::max<int64_t>(1, kTempBytes / ib);
   std::unique_ptr<char[]> bounce;
   int64_t temp_bytes = 0;
-  while (i < total) {
-    const int64_t a = i / p.K;
-    const int64_t gap = a * p.N + p.idx[i - a * p.K] - i;
-    if (gap * ib >= kParallelMinBytes) {  // direct: reads (>= i + gap) and writes (< end) are disjoint
-      const int64_t end = std::min(total, i + gap);
-      parallel_copy_items(p, p.base + i * ib, i, end);
-      i = end;
-    } else if ((total - i) * ib >= kBounceMinBytes) {
-      const int64_t end = std::min(total, i + bounce_items);
-      if (!bounce) {
-        temp_bytes = bounce_items * ib;
-        bounce.reset(new char[temp_bytes]);
-      }
-      parallel_copy_items(p, bounce.get(), i, end);
-      parallel_memcpy(p.base + i * ib, bounce.get(), (end - i) * ib);
-      i = end;
-    } else {
-      copy_items(p, p.base + i * ib, i, total);
-      break;
+  for (const Chunk& c : plan) {
+    if (c.kind == Chunk::kBounce && !bounce) {
+      temp_bytes = bounce_items * ib;
+      bounce.reset(new char[temp_bytes]);
     }
   }
+#if defined(_OPENMP)
+  // One parallel region for the whole plan, chunks separated by barriers: a fork/join per
+  // chunk costs more than copying a small chunk.
+#pragma omp parallel num_threads(static_cast<int>(nt))
+  {
+    const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    for (const Chunk& c : plan) {
+      run_chunk(p, c, bounce.get(), tid, nth, [] {
+#pragma omp barrier
+      });
+    }
+  }
+#else
+  // Without OpenMP: the same plan, one at::parallel_for per step (each is a barrier).
+  auto each_thread = [nt](auto&& fn) {
+    at::parallel_for(0, nt, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) fn(t);
+    });
+  };
+  for (const Chunk& c : plan) {
+    char* dst = p.base + c.i0 * ib;
+    if (c.kind == Chunk::kSerial) {
+      copy_items(p, dst, c.i0, c.i1);
+    } else if (c.kind == Chunk::kDirect) {
+      each_thread([&](int64_t t) { copy_share(p, dst, c.i0, c.i1, t, nt); });
+    } else {
+      each_thread([&](int64_t t) { copy_share(p, bounce.get(), c.i0, c.i1, t, nt); });
+      each_thread([&](int64_t t) { memcpy_share(dst, bounce.get(), (c.i1 - c.i0) * ib, t, nt); });
+    }
+  }
+#endif
   return temp_bytes;
+}
+
+}  // namespace
+
+int64_t gather_temp_budget_bytes() { return kTempBytes; }
+
+int64_t gather_inplace_cpu(at::Tensor& tensor, const at::Tensor& index, int64_t dim) {
+  TORCH_CHECK(tensor.is_contiguous(), "gather_inplace_cpu expects a contiguous tensor");
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous() && index.dim() == 1,
+              "gather_inplace_cpu expects a contiguous int64 index");
+  TORCH_CHECK(dim >= 0 && dim < tensor.dim(), "dim out of range");
+  Layout p;
+  return make_layout(tensor, index, dim, p) ? compact(p) : 0;
+}
+
+int64_t gather_channels_cpu(at::TensorList tensors, const at::Tensor& index, at::IntArrayRef dims) {
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous() && index.dim() == 1 &&
+                  index.device().is_cpu(),
+              "gather_channels_cpu expects a contiguous int64 CPU index");
+  TORCH_CHECK(static_cast<int64_t>(dims.size()) == static_cast<int64_t>(tensors.size()),
+              "gather_channels_cpu: one dim per tensor");
+  // Validate everything before the first byte moves; the caller explains a rejection.
+  const int64_t* idx = index.const_data_ptr<int64_t>();
+  const int64_t K = index.numel();
+  if (K > 0 && idx[0] < 0) return kBadIndex;
+  for (int64_t k = 1; k < K; ++k) {
+    if (idx[k] <= idx[k - 1]) return kBadIndex;
+  }
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    const at::Tensor& x = tensors[t];
+    const int64_t d = dims[t];
+    if (!x.device().is_cpu() || !x.is_contiguous() || d < 0 || d >= x.dim()) return kBadTensor;
+    if (K > 0 && idx[K - 1] >= x.size(d)) return kOutOfRange;
+    if (x.numel() == 0) continue;
+    const auto lo = reinterpret_cast<uintptr_t>(x.const_data_ptr());
+    const uintptr_t hi = lo + static_cast<uintptr_t>(x.numel() * x.element_size());
+    for (const auto& s : spans) {
+      if (lo < s.second && s.first < hi) return kOverlap;
+    }
+    spans.emplace_back(lo, hi);
+  }
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    Layout p;
+    if (make_layout(tensors[t], index, dims[t], p)) compact(p);
+  }
+  return kGatherOk;
 }
 
 }  // namespace adapt_engine

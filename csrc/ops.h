@@ -2,6 +2,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/TensorBody.h>
+#include <c10/util/ArrayRef.h>
 
 #include <optional>
 
@@ -19,6 +21,13 @@ void group_saliency_cpu(const at::Tensor& weight, const std::optional<at::Tensor
 // Compacts a contiguous tensor in place along dim, keeping the slices listed in index
 // (int64, sorted, unique, in range: validated by the caller). Returns the temp bytes used.
 int64_t gather_inplace_cpu(at::Tensor& tensor, const at::Tensor& index, int64_t dim);
+
+// Status codes of gather_channels_cpu; on any failure nothing has been modified.
+enum GatherStatus : int64_t { kGatherOk = 0, kBadIndex = 1, kOutOfRange = 2, kOverlap = 3, kBadTensor = 4 };
+
+// Validates the index (sorted, unique, in range for every tensor) and the tensors (CPU,
+// contiguous, not overlapping), then compacts each tensor in place along its dim.
+int64_t gather_channels_cpu(at::TensorList tensors, const at::Tensor& index, at::IntArrayRef dims);
 
 // Upper bound of the bounce buffer used by gather_inplace_cpu (besides one item, see gather.cpp).
 int64_t gather_temp_budget_bytes();

@@ -88,12 +88,12 @@ _GATHER = {"cpp": _gather_cpp, "triton": _gather_triton, "torch": gather_inplace
 
 
 def _gather_one(t: torch.Tensor, idx: torch.Tensor, dim: int) -> None:
-    if t.device.type == "cpu":  # the hot case, without a second lookup of the extension
-        ops = load_cpu_kernels()
-        if ops is not None:
-            ops.gather_inplace(t, idx, dim)
-            return
     _GATHER[backend_for(t)](t, idx, dim)
+
+
+def _gather_all_cpp(layouts, idx: torch.Tensor) -> bool:
+    """All-CPU lists: one C++ call validates and compacts every tensor (False: rejected, unchanged)."""
+    return load_cpu_kernels().gather_channels([t for t, _, _ in layouts], idx, [d for _, d, _ in layouts]) == 0
 
 
 def gather_channels(
@@ -104,4 +104,8 @@ def gather_channels(
     shrink: bool = False,
 ) -> list[torch.Tensor]:
     """Compact each tensor in place to the sorted unique index along dim; return new-shape views."""
-    return gather_channels_with(tensors, index, dim, shrink, _gather_one)
+    on_cpu = not isinstance(tensors, torch.Tensor) and all(
+        isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tensors
+    )
+    batch = _gather_all_cpp if on_cpu and load_cpu_kernels() is not None else None
+    return gather_channels_with(tensors, index, dim, shrink, _gather_one, batch)

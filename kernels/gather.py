@@ -32,7 +32,16 @@ REFERENCE_CHUNK_BYTES = 1 << 20
 REFERENCE_CHUNK_ITEMS = 1 << 16
 
 
+def _is_cpu_long(index) -> bool:
+    return (
+        type(index) is torch.Tensor and index.dtype == torch.int64 and index.device.type == "cpu"
+        and index.dim() == 1 and index.is_contiguous() and not index.requires_grad
+    )
+
+
 def _as_index(index: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    if _is_cpu_long(index):  # the common case, without a copy
+        return index
     if isinstance(index, torch.Tensor):
         if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
             raise TypeError(f"gather_channels: index must hold integers, got dtype {index.dtype}")
@@ -50,7 +59,7 @@ def _as_index(index: torch.Tensor | Sequence[int]) -> torch.Tensor:
 
 def check_index(index: torch.Tensor | Sequence[int]) -> torch.Tensor:
     """Validate that index is 1-D, integer, sorted and unique; return it as int64 on CPU."""
-    idx = _as_index(index)
+    idx = index if _is_cpu_long(index) else _as_index(index)
     a = idx.numpy()  # shares memory; numpy's small-array ops cost a fraction of torch's
     if a.size > 1 and not (a[1:] > a[:-1]).all():
         j = int(np.flatnonzero(a[1:] <= a[:-1])[0])
@@ -88,11 +97,15 @@ def canonical_layout(t: torch.Tensor, dim: int, pos: int) -> tuple[torch.Tensor,
     )
 
 
-def check_tensors(tensors: Sequence[torch.Tensor], idx: torch.Tensor, dim: int):
-    """Validate the tensor list against idx; return [(contiguous view, dim, transposed?)]."""
+def check_list(tensors: Sequence[torch.Tensor], dim: int) -> list[tuple[torch.Tensor, int, bool]]:
+    """Canonical layouts [(contiguous view, dim, transposed?)] of a tensor list (type/shape errors)."""
     if isinstance(tensors, torch.Tensor):
         raise TypeError("gather_channels: pass a list of tensors, e.g. [weight, grad], not a single tensor")
-    layouts = [canonical_layout(t, dim, i) for i, t in enumerate(tensors)]
+    return [canonical_layout(t, dim, i) for i, t in enumerate(tensors)]
+
+
+def check_layouts(layouts: list[tuple[torch.Tensor, int, bool]], idx: torch.Tensor) -> None:
+    """Raise if idx is out of range for any tensor or two tensors share memory."""
     last = int(idx[-1]) if idx.numel() else -1
     spans: dict[int, tuple[int, int]] = {}
     for pos, (t, d, _) in enumerate(layouts):
@@ -112,17 +125,15 @@ def check_tensors(tensors: Sequence[torch.Tensor], idx: torch.Tensor, dim: int):
                         "one would corrupt the other (tied weights?) — pass each tensor once"
                     )
             spans[pos] = span
-    return layouts
 
 
 def compacted_view(t: torch.Tensor, dim: int, kept: int) -> torch.Tensor:
     """View of t's storage holding the compacted tensor (size `kept` along dim, contiguous)."""
     shape = list(t.shape)
     shape[dim] = kept
-    stride, acc = [0] * len(shape), 1
-    for i in range(len(shape) - 1, -1, -1):
-        stride[i] = acc
-        acc *= shape[i]
+    stride = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        stride[i] = stride[i + 1] * shape[i + 1]
     return t.as_strided(shape, stride, t.storage_offset())
 
 
@@ -196,15 +207,28 @@ def gather_channels_with(
     dim: int,
     shrink: bool,
     gather_one,
+    gather_all=None,
 ) -> list[torch.Tensor]:
-    """Validate, compact each tensor with gather_one(t, idx, dim), and build the result views."""
-    idx = check_index(index)
-    layouts = check_tensors(tensors, idx, dim)
+    """Validate, compact the tensors, and build the result views.
+
+    gather_one(t, idx, dim) compacts one checked tensor. gather_all(layouts, idx), when given,
+    is tried first: it validates and compacts the whole list in one call and returns False
+    (having changed nothing) on bad input, which is then diagnosed here with a clear error.
+    """
+    idx = _as_index(index)
+    layouts = check_list(tensors, dim)
+    if gather_all is None or not gather_all(layouts, idx):
+        check_index(idx)
+        check_layouts(layouts, idx)
+        if gather_all is not None:
+            raise RuntimeError("gather_channels: the backend rejected arguments that passed validation")
+        for t, d, _ in layouts:
+            if t.numel():
+                gather_one(t, idx, d)
+    k = idx.numel()
     results = []
     for t, d, transposed in layouts:
-        if t.numel():
-            gather_one(t, idx, d)
-        view = compacted_view(t, d, idx.numel())
+        view = compacted_view(t, d, k)
         if shrink:
             view = view.clone()
         results.append(view.t() if transposed else view)

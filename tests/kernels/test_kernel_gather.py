@@ -11,8 +11,9 @@ from kernel_cases import INDEX_MODES, fill, random_index
 IMPLS = {"dispatch": gather_channels, "reference": gather_channels_reference}
 # (9, 13, 2) along dim 1 moves 2-element items (4 bytes for bf16, 8 for fp32) as one unit.
 SHAPES = ((1,), (1000,), (1, 1), (1, 50), (50, 1), (37, 45), (5, 6, 7), (9, 13, 2), (3, 20001))
-# Large enough (4.8 MB in fp32) for every C++ strategy: byte-sliced rows, direct column chunks,
-# bounce-buffer chunks (keeping almost all columns) and the single-thread remainder.
+# Large enough (4.8 MB in fp32) for every step of the C++ plan: single-thread steps while the
+# gap is small, direct chunks split by bytes (rows) or by items (columns), and bounce-buffer
+# chunks (keeping almost all columns).
 LARGE_SHAPES = ((1200, 1000), (1000, 1200))
 LARGE_MODES = ("half", "almost_all", "runs", "every_other", "last")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.float64, torch.bool)
@@ -183,6 +184,16 @@ def test_overlapping_tensors_are_rejected_before_any_change(impl):
     with pytest.raises(ValueError, match="overlap"):
         IMPLS[impl]([w, w.view(24)[:8].view(2, 4)], [0, 1], 0)
     assert torch.equal(w, keep)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_index_out_of_range_for_a_later_tensor_changes_nothing(impl):
+    """Every tensor is checked before the first one is compacted."""
+    w, b = torch.randn(8, 3), torch.randn(6)
+    w0, b0 = w.clone(), b.clone()
+    with pytest.raises(ValueError, match=r"out of range for tensors\[1\]"):
+        IMPLS[impl]([w, b], [1, 7], 0)
+    assert torch.equal(w, w0) and torch.equal(b, b0)
 
 
 def test_chunk_plan_is_safe_and_complete():
