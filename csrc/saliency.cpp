@@ -15,7 +15,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #include "ops.h"
 
@@ -74,6 +79,90 @@ inline float term(const T* __restrict__ w, const T* __restrict__ g, float* __res
   }
 }
 
+// Half-precision inputs get explicit vector code (GCC/Clang vector extensions, lowered to
+// AVX-512, AVX2 or NEON by the compiler): the scalar bit conversions above vectorise, but
+// not into the shortest sequences. A "span" is the elements one load covers, converted to
+// kParts float vectors. bf16 spans come out deinterleaved (part 0: even elements, part 1:
+// odd), which reductions ignore and column accumulators undo once at the end.
+#if defined(__GNUC__) && defined(__FLT16_MAX__)
+#define ADAPT_SPAN_KERNELS 1
+typedef float f32v __attribute__((vector_size(64)));
+typedef uint32_t u32v __attribute__((vector_size(64)));
+typedef _Float16 f16v __attribute__((vector_size(32)));
+constexpr int kVecLanes = 16;  // floats per f32v
+
+template <typename V>
+inline V loadu(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline f32v vabs(f32v x) { return (f32v)((u32v)x & 0x7fffffffu); }
+
+// kAbs loads |x|: for taylor, |w·g| = |w|·|g|, so the sign bits are cleared once per load
+// (one AND covers two bf16 elements) and the products accumulate as fused multiply-adds.
+template <typename T>
+struct Span;
+template <>
+struct Span<at::BFloat16> {
+  static constexpr int kElems = 32, kParts = 2;
+  template <bool kAbs>
+  static void load(const at::BFloat16* p, f32v* out) {
+    u32v v = loadu<u32v>(p);  // element pairs: the even one in the low half
+    if constexpr (kAbs) v &= 0x7fff7fffu;
+    out[0] = (f32v)(v << 16);
+    out[1] = (f32v)(v & 0xffff0000u);
+  }
+  static int element(int part, int lane) { return 2 * lane + part; }
+};
+template <>
+struct Span<at::Half> {
+  static constexpr int kElems = 16, kParts = 1;
+  template <bool kAbs>
+  static void load(const at::Half* p, f32v* out) {
+#if defined(__AVX512F__)
+    out[0] = (f32v)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__)
+    const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+    std::memcpy(out, &lo, sizeof lo);
+    std::memcpy(reinterpret_cast<char*>(out) + sizeof lo, &hi, sizeof hi);
+#else
+    for (int j = 0; j < kVecLanes; ++j) (*out)[j] = to_f32(p[j]);
+#endif
+    if constexpr (kAbs) out[0] = vabs(out[0]);
+  }
+  static int element(int, int lane) { return lane; }
+};
+
+template <typename T, int M>
+constexpr bool use_span() {
+  return (std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>) && M != kParamMix;
+}
+
+// acc[p] += the terms of one span (g unused for magnitude).
+template <int M, typename T>
+inline void span_accumulate(const T* w, const T* g, f32v* acc) {
+  using S = Span<T>;
+  constexpr bool kAbs = M != kVectorize;
+  f32v wv[S::kParts];
+  S::template load<kAbs>(w, wv);
+  if constexpr (M == kMagnitude) {
+    for (int p = 0; p < S::kParts; ++p) acc[p] += wv[p];
+  } else {
+    f32v gv[S::kParts];
+    S::template load<kAbs>(g, gv);
+    for (int p = 0; p < S::kParts; ++p) acc[p] += wv[p] * gv[p];
+  }
+}
+
+inline float hsum(f32v v) {
+  float s = 0.f;
+  for (int j = 0; j < kVecLanes; ++j) s += v[j];
+  return s;
+}
+#endif
+
 template <typename P>
 inline P* shift(P* p, int64_t offset) {
   return p == nullptr ? nullptr : p + offset;
@@ -83,6 +172,22 @@ inline P* shift(P* p, int64_t offset) {
 template <int M, typename T>
 float reduce_run(const T* __restrict__ w, const T* __restrict__ g, float* __restrict__ f, int64_t n,
                  float half_scale) {
+#if defined(ADAPT_SPAN_KERNELS)
+  if constexpr (use_span<T, M>()) {
+    using S = Span<T>;
+    constexpr int E = S::kElems, P = S::kParts;
+    f32v acc[2 * P] = {};
+    int64_t i = 0;
+    for (; i + 2 * E <= n; i += 2 * E) {  // two spans per step: independent adds in flight
+      span_accumulate<M>(w + i, shift(g, i), acc);
+      span_accumulate<M>(w + i + E, shift(g, i + E), acc + P);
+    }
+    for (int p = 1; p < 2 * P; ++p) acc[0] += acc[p];
+    float s = hsum(acc[0]);
+    for (; i < n; ++i) s += term<M>(w, g, f, i, half_scale);
+    return s;
+  }
+#endif
   constexpr int kLanes = 64;
   float acc[kLanes] = {};
   int64_t i = 0;
@@ -192,6 +297,83 @@ void accumulate_layout(const T* w, int64_t wsr, const T* g, int64_t gsr, float* 
   }
 }
 
+#if defined(ADAPT_SPAN_KERNELS)
+// acc (span layout, one kElems block per span of columns) += the terms of rows [r0, r1) for
+// blocks [j0, j1); columns past the last whole block are kept in natural order.
+template <int M, typename T>
+void accumulate_spans(const T* w, int64_t wsr, const T* g, int64_t gsr, int64_t r0, int64_t r1, int64_t j0,
+                      int64_t j1, int64_t n_keep, float* acc) {
+  using S = Span<T>;
+  constexpr int E = S::kElems, P = S::kParts;
+  const int64_t full = std::min(j1, n_keep / E);
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {  // four rows per sweep of acc
+    for (int64_t j = j0; j < full; ++j) {
+      f32v a[P];
+      for (int p = 0; p < P; ++p) a[p] = loadu<f32v>(acc + j * E + p * kVecLanes);
+      for (int q = 0; q < 4; ++q) span_accumulate<M>(w + (r + q) * wsr + j * E, shift(g, (r + q) * gsr + j * E), a);
+      std::memcpy(acc + j * E, a, sizeof a);
+    }
+  }
+  for (; r < r1; ++r) {
+    for (int64_t j = j0; j < full; ++j) {
+      f32v a[P];
+      for (int p = 0; p < P; ++p) a[p] = loadu<f32v>(acc + j * E + p * kVecLanes);
+      span_accumulate<M>(w + r * wsr + j * E, shift(g, r * gsr + j * E), a);
+      std::memcpy(acc + j * E, a, sizeof a);
+    }
+  }
+  if (j1 * E > n_keep && full * E < n_keep) {  // the partial last block, element by element
+    for (int64_t rr = r0; rr < r1; ++rr) {
+      for (int64_t k = full * E; k < n_keep; ++k) acc[k] += term<M>(w + rr * wsr, shift(g, rr * gsr), nullptr, k, 0.f);
+    }
+  }
+}
+
+// scores[k] += acc in natural order.
+template <typename T>
+void add_spans(const float* acc, int64_t n_keep, float* scores) {
+  using S = Span<T>;
+  constexpr int E = S::kElems;
+  const int64_t full = n_keep / E;
+  for (int64_t j = 0; j < full; ++j) {
+    for (int p = 0; p < S::kParts; ++p) {
+      for (int l = 0; l < kVecLanes; ++l) scores[j * E + S::element(p, l)] += acc[j * E + p * kVecLanes + l];
+    }
+  }
+  for (int64_t k = full * E; k < n_keep; ++k) scores[k] += acc[k];
+}
+
+// accumulate_layout for half-precision spans: the same two splits, over blocks of columns.
+template <int M, typename T>
+void accumulate_layout_spans(const T* w, int64_t wsr, const T* g, int64_t gsr, int64_t n_keep, int64_t n_red,
+                             float* scores) {
+  constexpr int E = Span<T>::kElems;
+  const int64_t nt = at::get_num_threads();
+  const int64_t blocks = divup(n_keep, E), padded = blocks * E;
+  const bool small = n_keep * n_red < kParallelMinElems;
+  if (small || n_red >= 4 * nt) {
+    const int64_t nblk = small ? 1 : nt;
+    const int64_t rows_per = divup(n_red, nblk);
+    std::vector<float> part(nblk * padded, 0.f);
+    at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t r0 = b * rows_per, r1 = std::min(n_red, r0 + rows_per);
+        if (r0 < r1) accumulate_spans<M>(w, wsr, g, gsr, r0, r1, 0, blocks, n_keep, part.data() + b * padded);
+      }
+    });
+    for (int64_t b = 0; b < nblk; ++b) add_spans<T>(part.data() + b * padded, n_keep, scores);
+  } else {
+    std::vector<float> part(padded, 0.f);
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / (n_red * E));
+    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+      accumulate_spans<M>(w, wsr, g, gsr, 0, n_red, begin, end, n_keep, part.data());
+    });
+    add_spans<T>(part.data(), n_keep, scores);
+  }
+}
+#endif
+
 float load_any(const void* base, at::ScalarType dtype, int64_t offset) {
   switch (dtype) {
     case at::kFloat:
@@ -257,6 +439,12 @@ void run_fast(bool reduce, const at::Tensor& weight, const at::Tensor* grad, con
   if (reduce) {
     reduce_layout<M, T>(w, ws, g, gs, f, fs, n_keep, n_red, half_scale, scores);
   } else {
+#if defined(ADAPT_SPAN_KERNELS)
+    if constexpr (use_span<T, M>()) {
+      accumulate_layout_spans<M, T>(w, ws, g, gs, n_keep, n_red, scores);
+      return;
+    }
+#endif
     accumulate_layout<M, T>(w, ws, g, gs, f, fs, n_keep, n_red, half_scale, scores);
   }
 }

@@ -48,6 +48,28 @@ def test_matches_float64_truth(impl, metric, layout, dtype, dim, shape):
         torch.testing.assert_close(f, f0 + g.float() ** 2, rtol=1e-6, atol=1e-6)
 
 
+# Each C++ split at realistic sizes: row reductions; column scores over row blocks (many rows)
+# and over blocks of columns (few, very wide rows); 16-bit spans with a partial last block.
+THREAD_SHAPES = ((300, 1000), (1000, 300), (5, 40001))
+
+
+@pytest.mark.parametrize("threads", (1, 2))
+@pytest.mark.parametrize("metric", ("taylor", "vectorize", "magnitude"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("dim", (0, 1))
+@pytest.mark.parametrize("shape", THREAD_SHAPES, ids=str)
+def test_every_split_and_thread_count(shape, dim, dtype, metric, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        w, g, _ = _inputs(shape, dtype, "contiguous", metric, seed=threads)
+        got = group_saliency(w, g, dim, 1, metric)
+        want, scale = saliency_truth(w, g, None, dim, 1, metric)
+        assert_scores_close(got, want, scale, dtype)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("group_size", (2, 3, 64))
