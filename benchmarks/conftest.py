@@ -64,6 +64,22 @@ def read_bandwidth() -> float:
     return _BANDWIDTH["best_gbps"]
 
 
+# Written before each "cold" round: twice this machine's 32 MiB L3, so the operands of the
+# timed call come from DRAM, as a real model's weights do during pruning.
+EVICT_BYTES = 64 << 20
+
+
+@pytest.fixture(scope="session")
+def evict_caches():
+    """evict() -> None: flush the CPU caches by writing a buffer larger than the last-level cache."""
+    buf = torch.empty(EVICT_BYTES // 4)
+
+    def evict() -> None:
+        buf.fill_(1.0)
+
+    return evict
+
+
 @pytest.fixture
 def bench_record(read_bandwidth):
     """record(benchmark, key, nbytes, **info) -> row: best/median time, GB/s and % of bandwidth.

@@ -156,10 +156,19 @@ inline void span_accumulate(const T* w, const T* g, f32v* acc) {
   }
 }
 
+// Horizontal sum as a shuffle tree: a short row pays this once, so 15 dependent scalar adds
+// would cost as much as the row itself.
 inline float hsum(f32v v) {
-  float s = 0.f;
-  for (int j = 0; j < kVecLanes; ++j) s += v[j];
-  return s;
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)v);
+#else
+  float t[kVecLanes];
+  std::memcpy(t, &v, sizeof t);
+  for (int width = kVecLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) t[j] += t[j + width];
+  }
+  return t[0];
+#endif
 }
 #endif
 

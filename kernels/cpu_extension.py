@@ -30,7 +30,8 @@ class CppBuildError(RuntimeError):
 
 def cpp_disabled() -> bool:
     """True when ADAPT_ENGINE_DISABLE_CPP=1 asks for the torch reference path on CPU."""
-    return os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    value = os.environ.get(DISABLE_ENV)  # checked on every kernel call: keep the unset case cheap
+    return value is not None and value.strip().lower() in ("1", "true", "yes", "on")
 
 
 def source_dir() -> Path:

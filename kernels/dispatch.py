@@ -91,9 +91,13 @@ def _gather_one(t: torch.Tensor, idx: torch.Tensor, dim: int) -> None:
     _GATHER[backend_for(t)](t, idx, dim)
 
 
-def _gather_all_cpp(layouts, idx: torch.Tensor) -> bool:
+def _gather_all_with(ops):
     """All-CPU lists: one C++ call validates and compacts every tensor (False: rejected, unchanged)."""
-    return load_cpu_kernels().gather_channels([t for t, _, _ in layouts], idx, [d for _, d, _ in layouts]) == 0
+
+    def gather_all(layouts, idx: torch.Tensor) -> bool:
+        return ops.gather_channels([t for t, _, _ in layouts], idx, [d for _, d, _ in layouts]) == 0
+
+    return gather_all
 
 
 def gather_channels(
@@ -104,8 +108,8 @@ def gather_channels(
     shrink: bool = False,
 ) -> list[torch.Tensor]:
     """Compact each tensor in place to the sorted unique index along dim; return new-shape views."""
-    on_cpu = not isinstance(tensors, torch.Tensor) and all(
-        isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tensors
-    )
-    batch = _gather_all_cpp if on_cpu and load_cpu_kernels() is not None else None
+    batch = None
+    if not isinstance(tensors, torch.Tensor) and all(isinstance(t, torch.Tensor) and t.is_cpu for t in tensors):
+        ops = load_cpu_kernels()
+        batch = None if ops is None else _gather_all_with(ops)
     return gather_channels_with(tensors, index, dim, shrink, _gather_one, batch)

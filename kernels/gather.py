@@ -77,7 +77,8 @@ def canonical_layout(t: torch.Tensor, dim: int, pos: int) -> tuple[torch.Tensor,
     """Return (contiguous view, dim to gather in it, transposed?) for a tensor of gather_channels."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"gather_channels: tensors[{pos}] is a {type(t).__name__}, not a torch.Tensor")
-    t = t.detach()  # nn.Parameter or autograd leaf: edit the data, not the graph
+    if t.requires_grad or type(t) is not torch.Tensor:
+        t = t.detach()  # nn.Parameter or autograd leaf: edit the data, not the graph
     if t.dim() == 0:
         raise ValueError(f"gather_channels: tensors[{pos}] is a 0-d tensor; there is no channel to gather")
     if t.dim() == 1:
@@ -131,6 +132,8 @@ def compacted_view(t: torch.Tensor, dim: int, kept: int) -> torch.Tensor:
     """View of t's storage holding the compacted tensor (size `kept` along dim, contiguous)."""
     shape = list(t.shape)
     shape[dim] = kept
+    if len(shape) == 2:  # the common case, without the loop
+        return t.as_strided((shape[0], shape[1]), (shape[1], 1), t.storage_offset())
     stride = [1] * len(shape)
     for i in range(len(shape) - 2, -1, -1):
         stride[i] = stride[i + 1] * shape[i + 1]
@@ -214,6 +217,8 @@ def gather_channels_with(
     gather_one(t, idx, dim) compacts one checked tensor. gather_all(layouts, idx), when given,
     is tried first: it validates and compacts the whole list in one call and returns False
     (having changed nothing) on bad input, which is then diagnosed here with a clear error.
+    (Returning the views from C++ was tried: boxing a tensor list costs more than building
+    the views here.)
     """
     idx = _as_index(index)
     layouts = check_list(tensors, dim)
