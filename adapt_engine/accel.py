@@ -77,6 +77,7 @@ class AccelConfig:
     prune_steps: int | None = None  # Algorithm-1 sub-steps per phase; None: ceil(50 / N_P)
     importance: str = "taylor"
     allocation: str = "adaptive"
+    layer_update: str = "incremental"  # as `prune --layer-update`
     similarity: str = "cosine"
     attention: str = "query"
     round_to: int = 1
@@ -620,19 +621,13 @@ def run(cfg: AccelConfig, on_step: Callable[[dict], None] | None = None) -> Acce
         # -- pruner, targets, optimizer -------------------------------------------------------------------------
         settings = PruneSettings(
             amplitude=cfg.amplitude, steps=cfg.steps_per_phase, allocation=cfg.allocation,
-            importance=cfg.importance, similarity=cfg.similarity, attention=cfg.attention, round_to=cfg.round_to,
+            layer_update=cfg.layer_update, importance=cfg.importance, similarity=cfg.similarity,
+            attention=cfg.attention, round_to=cfg.round_to,
             split=cfg.split, calib_batch_size=cfg.calib_batch_size, seed=cfg.seed,
         )
         pruner = AdaptPruner(model, settings, calib_mine)
         if state is not None:  # the checkpoint's model is already pruned: restore the original accounting
-            p = state["pruner"]
-            from .adapters import LayerShape
-
-            pruner.original_shapes = [LayerShape(**s) for s in p["original_shapes"]]
-            pruner.original_prunable, pruner.original_total = p["original_prunable"], p["original_total"]
-            pruner.fixed_params = p["fixed_params"]
-            pruner.history = p["history"]
-            pruner.generator.set_state(p["generator"])
+            pruner.load_state_dict(state["pruner"])
         original = pruner.original_total
         target = cfg.target_params if cfg.target_params is not None else pruner.target_from_sparsity(cfg.sparsity)
         if target > original:
@@ -681,12 +676,7 @@ def run(cfg: AccelConfig, on_step: Callable[[dict], None] | None = None) -> Acce
                     "position": dict(pos),
                     "optimizer": optimizer.state_dict(),
                     "schedule": schedule.state_dict(),
-                    "pruner": {
-                        "original_shapes": [asdict(s) for s in pruner.original_shapes],
-                        "original_prunable": pruner.original_prunable, "original_total": pruner.original_total,
-                        "fixed_params": pruner.fixed_params, "history": pruner.history,
-                        "generator": pruner.generator.get_state(),
-                    },
+                    "pruner": pruner.state_dict(),
                     "saliency": None if scores is None else {k: [t.cpu() for t in getattr(scores, k)]
                                                              for k in ("q_heads", "kv_heads", "mlp")},
                     "rng": rngs,
@@ -919,12 +909,14 @@ def add_accel_arguments(p) -> None:
     p.add_argument("--decay", type=float, default=d.decay, help="final linear-decay share of all steps (WSD)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
-    p.add_argument("--amplitude", type=float, default=d.amplitude, help="A in S_j = S - A*I_j (default 0.02)")
+    p.add_argument("--amplitude", type=float, default=d.amplitude, help="A in the per-layer shift A*I_j")
     p.add_argument("--prune-steps", type=int, default=None,
                    help="Algorithm-1 sub-steps per phase (default ceil(50 / interleaves))")
     p.add_argument("--importance", choices=("taylor", "magnitude", "random", "vectorize", "param_mix"),
                    default=d.importance)
     p.add_argument("--allocation", choices=("adaptive", "uniform"), default=d.allocation)
+    p.add_argument("--layer-update", choices=("incremental", "absolute"), default=d.layer_update,
+                   help="per-layer sparsity update at each sub-step (as in prune)")
     p.add_argument("--similarity", choices=("cosine", "euclidean", "manhattan"), default=d.similarity)
     p.add_argument("--attention", choices=("query", "kv"), default=d.attention)
     p.add_argument("--round-to", type=int, default=d.round_to)

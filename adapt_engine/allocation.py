@@ -1,7 +1,10 @@
 """Per-layer sparsity (Adapt-Pruner Eq. 6) and the parameter accounting that turns it into widths.
 
 Layer j's sparsity is ``S_j = clip(S_cur − A·I_j, 0, 0.99)`` of its *original* prunable parameters,
-with ``I`` normalised to mean 0 and max |I| = 1 (A = 0 is uniform, LLM-Pruner-style, pruning).
+with ``I`` normalised to mean 0 and max |I| = 1 (A = 0 is uniform, LLM-Pruner-style, pruning). That is
+the paper's Eq. 6 (``--layer-update absolute``). The authors' code instead moves each layer's sparsity
+by the step's overall increment, ``s_j ← clip(s_j + ΔS − A·I_j, 0, 0.99)`` (``--layer-update
+incremental``, the default), so a layer that stays (un)important drifts further at every sub-step.
 Attention comes in coarse units (a query head per KV group, or a whole KV group), so each layer first
 takes the attention units closest to its share, and MLP channels — fine-grained — absorb the rest.
 A final apportionment moves MLP channels between layers so the whole model lands on the requested
@@ -19,6 +22,7 @@ import torch
 from .adapters import DecoderAdapter, LayerShape
 
 ALLOCATIONS = ("adaptive", "uniform")
+LAYER_UPDATES = ("incremental", "absolute")
 MAX_LAYER_SPARSITY = 0.99
 
 
@@ -33,6 +37,12 @@ class LayerBudget:
 def layer_sparsities(current: float, importance: torch.Tensor, amplitude: float) -> torch.Tensor:
     """``clip(S_cur − A·I_j, 0, 0.99)`` per layer."""
     return (current - amplitude * importance).clamp(0.0, MAX_LAYER_SPARSITY)
+
+
+def incremental_sparsities(previous: torch.Tensor, increment: float, importance: torch.Tensor,
+                           amplitude: float) -> torch.Tensor:
+    """``clip(s_j + ΔS − A·I_j, 0, 0.99)`` per layer: the authors' code's per-sub-step update."""
+    return (previous + increment - amplitude * importance).clamp(0.0, MAX_LAYER_SPARSITY)
 
 
 def _attention_units(shape: LayerShape, mode: str) -> int:
@@ -133,17 +143,20 @@ def plan_budgets(
     mode: str,
     round_to: int = 1,
     costs: list[LayerCosts] | None = None,
+    sparsity: torch.Tensor | None = None,
 ) -> tuple[list[LayerBudget], torch.Tensor]:
     """Per-layer widths for one sub-step that bring the prunable parameters to ``target_prunable``.
 
     With ``costs`` (saliency split), each layer removes the attention units whose saliency is lower than
     that of the MLP channels they would spare; without, attention takes its proportional share.
+    ``sparsity`` overrides the per-layer targets (else Eq. 6 from ``importance`` and ``amplitude``).
     Returns the budgets and the per-layer sparsities ``S_j`` that shaped them.
     """
     n = len(adapter.layers)
     current = adapter.shapes()
     s_cur = 1.0 - target_prunable / original_prunable
-    sparsity = layer_sparsities(s_cur, importance, amplitude)
+    if sparsity is None:
+        sparsity = layer_sparsities(s_cur, importance, amplitude)
 
     orig_layer_params = [_layer_params(adapter, j, original[j], mode) for j in range(n)]
     units_keep: list[int] = []

@@ -19,9 +19,12 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--sparsity", type=float, help="fraction of prunable (attention+MLP) weights to remove")
     size.add_argument("--target-params", type=int, help="total parameter count wanted")
-    p.add_argument("--amplitude", type=float, default=0.02, help="A in S_j = S - A*I_j (default 0.02)")
+    p.add_argument("--amplitude", type=float, default=0.02, help="A in the per-layer shift A*I_j")
     p.add_argument("--steps", type=int, default=50, help="sub-steps T of Algorithm 1 (default 50)")
     p.add_argument("--allocation", choices=("adaptive", "uniform"), default="adaptive")
+    p.add_argument("--layer-update", choices=("incremental", "absolute"), default="incremental",
+                   help="per-layer sparsity at each sub-step: move it by the step's increment minus A*I_j, as the "
+                   "authors' code does (default), or set it to S_cur - A*I_j (the paper's Eq. 6)")
     p.add_argument("--importance", choices=("taylor", "magnitude", "random", "vectorize", "param_mix"),
                    default="taylor", help="group saliency (default taylor = |dL/dW * W|)")
     p.add_argument("--similarity", choices=("cosine", "euclidean", "manhattan"), default="cosine")

@@ -47,7 +47,8 @@ def run_prune(args) -> dict:
     if (args.sparsity is None) == (args.target_params is None):
         raise ValueError("give exactly one of --sparsity (fraction of prunable weights) or --target-params")
     settings = PruneSettings(
-        amplitude=args.amplitude, steps=args.steps, allocation=args.allocation, importance=args.importance,
+        amplitude=args.amplitude, steps=args.steps, allocation=args.allocation, layer_update=args.layer_update,
+        importance=args.importance,
         similarity=args.similarity, attention=args.attention, round_to=args.round_to,
         split=args.split,
         calib_batch_size=args.calib_batch_size, seed=args.seed,

@@ -9,8 +9,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .adapters import DecoderAdapter, count_params
-from .allocation import ALLOCATIONS, LayerCosts, budget_shape, plan_budgets, step_targets
+from .adapters import DecoderAdapter, LayerShape, count_params
+from .allocation import (
+    ALLOCATIONS,
+    LAYER_UPDATES,
+    LayerCosts,
+    budget_shape,
+    incremental_sparsities,
+    plan_budgets,
+    step_targets,
+)
 from .groups import ATTENTION_MODES, GroupScores, LayerKeep, choose_attention_keep, choose_mlp_keep
 from .importance import (
     IMPORTANCES,
@@ -34,6 +42,7 @@ class PruneSettings:
     amplitude: float = 0.02
     steps: int = 50
     allocation: str = "adaptive"
+    layer_update: str = "incremental"
     importance: str = "taylor"
     similarity: str = "cosine"
     attention: str = "query"
@@ -46,6 +55,7 @@ class PruneSettings:
         """Raise a clear error for any out-of-range setting."""
         checks = [
             (self.allocation in ALLOCATIONS, f"--allocation must be one of {ALLOCATIONS}"),
+            (self.layer_update in LAYER_UPDATES, f"--layer-update must be one of {LAYER_UPDATES}"),
             (self.importance in IMPORTANCES, f"--importance must be one of {IMPORTANCES}"),
             (self.similarity in SIMILARITIES, f"--similarity must be one of {SIMILARITIES}"),
             (self.attention in ATTENTION_MODES, f"--attention must be one of {ATTENTION_MODES}"),
@@ -76,6 +86,10 @@ class AdaptPruner:
         self.fixed_params = self.original_total - self.original_prunable
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.history: list[dict] = []
+        # --layer-update incremental: per-layer sparsity targets carried from sub-step to sub-step, and
+        # the overall sparsity they were last moved to (relative to the original prunable parameters).
+        self.layer_sparsity: torch.Tensor | None = None
+        self.overall_sparsity = 0.0
         needs_data = settings.importance in ("taylor", "vectorize", "param_mix") or settings.allocation == "adaptive"
         if needs_data and (calib_ids is None or calib_ids.numel() == 0):
             raise ValueError("this importance/allocation needs calibration data; pass calib_ids")
@@ -138,11 +152,21 @@ class AdaptPruner:
             torch.distributed.all_reduce(raw)
             raw = raw.cpu() / torch.distributed.get_world_size()
         importance = normalize_importance(raw.float()) if s.allocation == "adaptive" else torch.zeros(len(raw))
+        amplitude = s.amplitude if s.allocation == "adaptive" else 0.0
         target_prunable = max(0, target_params - self.fixed_params)
+        s_cur = 1.0 - target_prunable / self.original_prunable
+        targets = None
+        if s.layer_update == "incremental":
+            previous = self.layer_sparsity
+            if previous is None:
+                previous = torch.full((len(raw),), self.overall_sparsity)
+            targets = incremental_sparsities(previous, s_cur - self.overall_sparsity, importance, amplitude)
+            self.layer_sparsity = targets
+        self.overall_sparsity = s_cur
         costs = self._layer_costs(scores) if s.split == "saliency" else None
         budgets, sparsity = plan_budgets(
             self.adapter, self.original_shapes, self.original_prunable, target_prunable,
-            importance, s.amplitude if s.allocation == "adaptive" else 0.0, s.attention, s.round_to, costs,
+            importance, amplitude, s.attention, s.round_to, costs, targets,
         )
         plan = []
         for j, budget in enumerate(budgets):
@@ -209,6 +233,29 @@ class AdaptPruner:
             if on_step is not None:
                 on_step(rec)
         return records
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs besides the model: original accounting, history, RNG, layer targets."""
+        return {
+            "original_shapes": [asdict(sh) for sh in self.original_shapes],
+            "original_prunable": self.original_prunable, "original_total": self.original_total,
+            "fixed_params": self.fixed_params, "history": self.history,
+            "generator": self.generator.get_state(),
+            "layer_sparsity": None if self.layer_sparsity is None else self.layer_sparsity.tolist(),
+            "overall_sparsity": self.overall_sparsity,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore state_dict() onto a pruner built around the (already pruned) model."""
+        self.original_shapes = [LayerShape(**sh) for sh in state["original_shapes"]]
+        self.original_prunable, self.original_total = state["original_prunable"], state["original_total"]
+        self.fixed_params = state["fixed_params"]
+        self.history = state["history"]
+        self.generator.set_state(state["generator"])
+        layer = state.get("layer_sparsity")
+        self.layer_sparsity = None if layer is None else torch.tensor(layer, dtype=torch.float32)
+        self.overall_sparsity = state.get("overall_sparsity", 1.0 - self.adapter.prunable_params()
+                                          / self.original_prunable)
 
     def target_from_sparsity(self, sparsity: float) -> int:
         """Total parameter target that removes ``sparsity`` of the original prunable parameters."""

@@ -50,6 +50,41 @@ def test_adaptive_gives_less_sparsity_to_important_layers():
     assert int(sp.argmin()) == int(imp.argmax()) and int(sp.argmax()) == int(imp.argmin())
 
 
+@pytest.mark.parametrize("update", ["incremental", "absolute"])
+def test_layer_update_rules(update):
+    """incremental: s_j <- clip(s_j + dS - A*I_j) carried across sub-steps; absolute: clip(S_cur - A*I_j)."""
+    model = make_tiny_model("llama", True, layers=4)
+    amp = 0.05
+    pruner = AdaptPruner(model, PruneSettings(steps=3, amplitude=amp, layer_update=update), _calib())
+    records = pruner.prune_to(pruner.target_from_sparsity(0.45))
+    prev, prev_overall = torch.zeros(4), 0.0
+    for rec in records:
+        imp = torch.tensor(rec["layer_importance"])
+        s_cur = 1.0 - (rec["target_params"] - pruner.fixed_params) / pruner.original_prunable
+        if update == "incremental":
+            want = (prev + (s_cur - prev_overall) - amp * imp).clamp(0, 0.99)
+        else:
+            want = (s_cur - amp * imp).clamp(0, 0.99)
+        torch.testing.assert_close(torch.tensor(rec["layer_sparsity"]), want, atol=1e-6, rtol=0)
+        prev, prev_overall = want, s_cur
+    # the deviation from uniform accumulates only in incremental mode
+    dev = (torch.tensor(records[-1]["layer_sparsity"]) - s_cur).abs().max()
+    assert float(dev) > amp + 1e-3 if update == "incremental" else float(dev) <= amp + 1e-6
+
+
+def test_pruner_state_dict_round_trip():
+    model = make_tiny_model("llama", True, layers=4)
+    pruner = AdaptPruner(model, PruneSettings(steps=2), _calib())
+    pruner.prune_to(pruner.target_from_sparsity(0.3))
+    state = pruner.state_dict()
+    fresh = AdaptPruner(model, PruneSettings(steps=2), _calib())  # built around the pruned model
+    fresh.load_state_dict(state)
+    assert fresh.original_shapes == pruner.original_shapes and fresh.original_total == pruner.original_total
+    assert fresh.overall_sparsity == pruner.overall_sparsity
+    torch.testing.assert_close(fresh.layer_sparsity, pruner.layer_sparsity)
+    assert torch.equal(fresh.generator.get_state(), pruner.generator.get_state())
+
+
 def test_uniform_allocation_equal_widths():
     model = make_tiny_model("llama", True, layers=4)
     pruner = AdaptPruner(model, PruneSettings(steps=2, allocation="uniform", importance="magnitude"), None)
