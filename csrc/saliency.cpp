@@ -276,34 +276,47 @@ void accumulate_rows(const T* w, int64_t wsr, const T* g, int64_t gsr, float* f,
   for (; r < r1; ++r) sweep1<M, T>(w + r * wsr, shift(g, r * gsr), shift(f, r * fsr), k0, k1, acc, half_scale);
 }
 
+// Column scores over threads: by blocks of rows, each into a private accumulator of `width`
+// floats (rows(r0, r1, acc)); or, for a few very wide rows, by ranges of column units sharing
+// one accumulator (cols(u0, u1, acc)). finish(acc) adds an accumulator into the scores.
+template <typename Rows, typename Cols, typename Finish>
+void split_column_scores(int64_t n_red, int64_t elems, int64_t width, int64_t units, int64_t unit_grain,
+                         const Rows& rows, const Cols& cols, const Finish& finish) {
+  const int64_t nt = at::get_num_threads();
+  const bool small = elems < kParallelMinElems;
+  if (small || n_red >= 4 * nt) {
+    const int64_t nblk = small ? 1 : nt;
+    const int64_t rows_per = divup(n_red, nblk);
+    std::vector<float> part(nblk * width, 0.f);
+    at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t r0 = b * rows_per, r1 = std::min(n_red, r0 + rows_per);
+        if (r0 < r1) rows(r0, r1, part.data() + b * width);
+      }
+    });
+    for (int64_t b = 0; b < nblk; ++b) finish(part.data() + b * width);
+  } else {
+    std::vector<float> part(width, 0.f);
+    at::parallel_for(0, units, unit_grain, [&](int64_t u0, int64_t u1) { cols(u0, u1, part.data()); });
+    finish(part.data());
+  }
+}
+
 // Scored axis contiguous, reduced axis strided.
 template <int M, typename T>
 void accumulate_layout(const T* w, int64_t wsr, const T* g, int64_t gsr, float* f, int64_t fsr,
                        int64_t n_keep, int64_t n_red, float half_scale, float* scores) {
-  const int64_t nt = at::get_num_threads();
-  const bool small = n_keep * n_red < kParallelMinElems;
-  if (small || n_red >= 4 * nt) {
-    // Blocks of rows, one private score vector each, summed at the end.
-    const int64_t nblk = small ? 1 : nt;
-    const int64_t rows_per = divup(n_red, nblk);
-    std::vector<float> part(nblk * n_keep, 0.f);
-    at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t r0 = b * rows_per, r1 = std::min(n_red, r0 + rows_per);
-        if (r0 < r1) accumulate_rows<M>(w, wsr, g, gsr, f, fsr, r0, r1, 0, n_keep, part.data() + b * n_keep,
-                                        half_scale);
-      }
-    });
-    for (int64_t b = 0; b < nblk; ++b) {
-      for (int64_t k = 0; k < n_keep; ++k) scores[k] += part[b * n_keep + k];
-    }
-  } else {
-    // Few very wide rows: split the scored axis instead.
-    const int64_t grain = std::max<int64_t>(16, kGrainElems / n_red);
-    at::parallel_for(0, n_keep, grain, [&](int64_t begin, int64_t end) {
-      accumulate_rows<M>(w, wsr, g, gsr, f, fsr, 0, n_red, begin, end, scores, half_scale);
-    });
-  }
+  split_column_scores(
+      n_red, n_keep * n_red, n_keep, n_keep, std::max<int64_t>(16, kGrainElems / n_red),
+      [&](int64_t r0, int64_t r1, float* acc) {
+        accumulate_rows<M>(w, wsr, g, gsr, f, fsr, r0, r1, 0, n_keep, acc, half_scale);
+      },
+      [&](int64_t k0, int64_t k1, float* acc) {
+        accumulate_rows<M>(w, wsr, g, gsr, f, fsr, 0, n_red, k0, k1, acc, half_scale);
+      },
+      [&](const float* acc) {
+        for (int64_t k = 0; k < n_keep; ++k) scores[k] += acc[k];
+      });
 }
 
 #if defined(ADAPT_SPAN_KERNELS)
@@ -358,28 +371,12 @@ template <int M, typename T>
 void accumulate_layout_spans(const T* w, int64_t wsr, const T* g, int64_t gsr, int64_t n_keep, int64_t n_red,
                              float* scores) {
   constexpr int E = Span<T>::kElems;
-  const int64_t nt = at::get_num_threads();
-  const int64_t blocks = divup(n_keep, E), padded = blocks * E;
-  const bool small = n_keep * n_red < kParallelMinElems;
-  if (small || n_red >= 4 * nt) {
-    const int64_t nblk = small ? 1 : nt;
-    const int64_t rows_per = divup(n_red, nblk);
-    std::vector<float> part(nblk * padded, 0.f);
-    at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t r0 = b * rows_per, r1 = std::min(n_red, r0 + rows_per);
-        if (r0 < r1) accumulate_spans<M>(w, wsr, g, gsr, r0, r1, 0, blocks, n_keep, part.data() + b * padded);
-      }
-    });
-    for (int64_t b = 0; b < nblk; ++b) add_spans<T>(part.data() + b * padded, n_keep, scores);
-  } else {
-    std::vector<float> part(padded, 0.f);
-    const int64_t grain = std::max<int64_t>(1, kGrainElems / (n_red * E));
-    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-      accumulate_spans<M>(w, wsr, g, gsr, 0, n_red, begin, end, n_keep, part.data());
-    });
-    add_spans<T>(part.data(), n_keep, scores);
-  }
+  const int64_t blocks = divup(n_keep, E);
+  split_column_scores(
+      n_red, n_keep * n_red, blocks * E, blocks, std::max<int64_t>(1, kGrainElems / (n_red * E)),
+      [&](int64_t r0, int64_t r1, float* acc) { accumulate_spans<M>(w, wsr, g, gsr, r0, r1, 0, blocks, n_keep, acc); },
+      [&](int64_t j0, int64_t j1, float* acc) { accumulate_spans<M>(w, wsr, g, gsr, 0, n_red, j0, j1, n_keep, acc); },
+      [&](const float* acc) { add_spans<T>(acc, n_keep, scores); });
 }
 #endif
 
