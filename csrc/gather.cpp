@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -283,18 +284,21 @@ std::vector<Chunk> plan_chunks(const Layout& p, int64_t i, int64_t bounce_items)
 
 // Thread tid's share of copying items [i0, i1) to out (cache-line units for wide items,
 // whole items for narrow ones, which the compress and element paths never split).
+// Thread tid's byte range [b0, b1) of `bytes`, split into nth parts at multiples of unit.
+std::pair<int64_t, int64_t> share_of(int64_t bytes, int64_t unit, int64_t tid, int64_t nth) {
+  const int64_t per = divup(divup(bytes, unit), nth) * unit;
+  const int64_t b0 = std::min(bytes, tid * per);
+  return {b0, std::min(bytes, b0 + per)};
+}
+
 void copy_share(const Layout& p, char* out, int64_t i0, int64_t i1, int64_t tid, int64_t nth) {
   const int64_t ib = p.item_bytes;
-  const int64_t bytes = (i1 - i0) * ib;
-  const int64_t unit = ib < kSliceMinBytes ? ib : 64;
-  const int64_t per = divup(divup(bytes, unit), nth) * unit;
-  const int64_t b0 = std::min(bytes, tid * per), b1 = std::min(bytes, b0 + per);
+  const auto [b0, b1] = share_of((i1 - i0) * ib, ib < kSliceMinBytes ? ib : 64, tid, nth);
   if (b0 < b1) copy_bytes(p, i0 * ib + b0, i0 * ib + b1, out + b0);
 }
 
 void memcpy_share(char* dst, const char* src, int64_t bytes, int64_t tid, int64_t nth) {
-  const int64_t per = divup(divup(bytes, 64), nth) * 64;
-  const int64_t b0 = std::min(bytes, tid * per), b1 = std::min(bytes, b0 + per);
+  const auto [b0, b1] = share_of(bytes, 64, tid, nth);
   if (b0 < b1) std::memcpy(dst + b0, src + b0, b1 - b0);
 }
 

@@ -320,31 +320,30 @@ void accumulate_layout(const T* w, int64_t wsr, const T* g, int64_t gsr, float* 
 }
 
 #if defined(ADAPT_SPAN_KERNELS)
+// acc blocks [j0, full) += the terms of rows [r, r + R): one load/store of acc per R rows.
+template <int M, int R, typename T>
+inline void sweep_spans(const T* w, int64_t wsr, const T* g, int64_t gsr, int64_t r, int64_t j0, int64_t full,
+                        float* acc) {
+  using S = Span<T>;
+  constexpr int E = S::kElems, P = S::kParts;
+  for (int64_t j = j0; j < full; ++j) {
+    f32v a[P];
+    for (int p = 0; p < P; ++p) a[p] = loadu<f32v>(acc + j * E + p * kVecLanes);
+    for (int q = 0; q < R; ++q) span_accumulate<M>(w + (r + q) * wsr + j * E, shift(g, (r + q) * gsr + j * E), a);
+    std::memcpy(acc + j * E, a, sizeof a);
+  }
+}
+
 // acc (span layout, one kElems block per span of columns) += the terms of rows [r0, r1) for
 // blocks [j0, j1); columns past the last whole block are kept in natural order.
 template <int M, typename T>
 void accumulate_spans(const T* w, int64_t wsr, const T* g, int64_t gsr, int64_t r0, int64_t r1, int64_t j0,
                       int64_t j1, int64_t n_keep, float* acc) {
-  using S = Span<T>;
-  constexpr int E = S::kElems, P = S::kParts;
+  constexpr int E = Span<T>::kElems;
   const int64_t full = std::min(j1, n_keep / E);
   int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) {  // four rows per sweep of acc
-    for (int64_t j = j0; j < full; ++j) {
-      f32v a[P];
-      for (int p = 0; p < P; ++p) a[p] = loadu<f32v>(acc + j * E + p * kVecLanes);
-      for (int q = 0; q < 4; ++q) span_accumulate<M>(w + (r + q) * wsr + j * E, shift(g, (r + q) * gsr + j * E), a);
-      std::memcpy(acc + j * E, a, sizeof a);
-    }
-  }
-  for (; r < r1; ++r) {
-    for (int64_t j = j0; j < full; ++j) {
-      f32v a[P];
-      for (int p = 0; p < P; ++p) a[p] = loadu<f32v>(acc + j * E + p * kVecLanes);
-      span_accumulate<M>(w + r * wsr + j * E, shift(g, r * gsr + j * E), a);
-      std::memcpy(acc + j * E, a, sizeof a);
-    }
-  }
+  for (; r + 4 <= r1; r += 4) sweep_spans<M, 4>(w, wsr, g, gsr, r, j0, full, acc);
+  for (; r < r1; ++r) sweep_spans<M, 1>(w, wsr, g, gsr, r, j0, full, acc);
   if (j1 * E > n_keep && full * E < n_keep) {  // the partial last block, element by element
     for (int64_t rr = r0; rr < r1; ++rr) {
       for (int64_t k = full * E; k < n_keep; ++k) acc[k] += term<M>(w + rr * wsr, shift(g, rr * gsr), nullptr, k, 0.f);

@@ -59,7 +59,7 @@ def _as_index(index: torch.Tensor | Sequence[int]) -> torch.Tensor:
 
 def check_index(index: torch.Tensor | Sequence[int]) -> torch.Tensor:
     """Validate that index is 1-D, integer, sorted and unique; return it as int64 on CPU."""
-    idx = index if _is_cpu_long(index) else _as_index(index)
+    idx = _as_index(index)  # a CPU int64 tensor passes through without a copy
     a = idx.numpy()  # shares memory; numpy's small-array ops cost a fraction of torch's
     if a.size > 1 and not (a[1:] > a[:-1]).all():
         j = int(np.flatnonzero(a[1:] <= a[:-1])[0])
@@ -132,8 +132,6 @@ def compacted_view(t: torch.Tensor, dim: int, kept: int) -> torch.Tensor:
     """View of t's storage holding the compacted tensor (size `kept` along dim, contiguous)."""
     shape = list(t.shape)
     shape[dim] = kept
-    if len(shape) == 2:  # the common case, without the loop
-        return t.as_strided((shape[0], shape[1]), (shape[1], 1), t.storage_offset())
     stride = [1] * len(shape)
     for i in range(len(shape) - 2, -1, -1):
         stride[i] = stride[i + 1] * shape[i + 1]
