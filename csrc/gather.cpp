@@ -82,73 +82,96 @@ bool has_compress(int64_t item_bytes) {
 }
 
 // Packs the kept items among channels [c0, c1) of one slab into out, 64 source channels (one
-// word of keep bits) per step: each 64-byte vector is loaded (masked at the tail, so nothing
-// past c1 is read), compressed by its keep mask and stored with a mask of exactly the kept
-// count (nothing past them is written). The vectors of a step are independent; only the output
-// offset (a popcount sum) chains them.
+// word of keep bits) per step. Each 64-byte vector is compressed by its keep mask and stored
+// whole while a full vector still fits before out_end: the lanes past the kept count land on
+// output positions that later stores of this call overwrite, and never on unread sources,
+// because an item's output position never exceeds its source position (so out <= from). Near
+// out_end, loads and stores are masked to exactly the valid and kept items, so nothing outside
+// [c0, c1) is read and nothing past the output is written (the bytes beyond may belong to
+// another thread). The vectors of a step are independent; only the output offset (a popcount
+// sum) chains them.
 #if defined(__AVX512F__)
 template <int kBytes>
-inline void compress_vector(const char* from, uint64_t valid, uint64_t keep, char* out) {
+inline __m512i compress_lanes(uint64_t keep, __m512i v) {
+  if constexpr (kBytes == 4) return _mm512_maskz_compress_epi32(static_cast<__mmask16>(keep), v);
+  if constexpr (kBytes == 8) return _mm512_maskz_compress_epi64(static_cast<__mmask8>(keep), v);
+#if defined(__AVX512VBMI2__)
+  if constexpr (kBytes == 2) return _mm512_maskz_compress_epi16(static_cast<__mmask32>(keep), v);
+  if constexpr (kBytes == 1) return _mm512_maskz_compress_epi8(static_cast<__mmask64>(keep), v);
+#endif
+}
+
+// One vector at the edge: masked load of the `valid` lanes, masked store of the kept count.
+template <int kBytes>
+inline void compress_masked(const char* from, uint64_t valid, uint64_t keep, char* out) {
   const int cnt = __builtin_popcountll(keep);
   const uint64_t wrote = cnt == 64 ? ~0ull : ((1ull << cnt) - 1);
-  if constexpr (kBytes == 4) {
-    const __m512i v = _mm512_maskz_loadu_epi32(static_cast<__mmask16>(valid), from);
-    const __m512i p = _mm512_maskz_compress_epi32(static_cast<__mmask16>(keep), v);
-    _mm512_mask_storeu_epi32(out, static_cast<__mmask16>(wrote), p);
-  } else if constexpr (kBytes == 8) {
-    const __m512i v = _mm512_maskz_loadu_epi64(static_cast<__mmask8>(valid), from);
-    const __m512i p = _mm512_maskz_compress_epi64(static_cast<__mmask8>(keep), v);
-    _mm512_mask_storeu_epi64(out, static_cast<__mmask8>(wrote), p);
-  }
+  __m512i v;
+  if constexpr (kBytes == 4) v = _mm512_maskz_loadu_epi32(static_cast<__mmask16>(valid), from);
+  if constexpr (kBytes == 8) v = _mm512_maskz_loadu_epi64(static_cast<__mmask8>(valid), from);
 #if defined(__AVX512VBMI2__)
-  else if constexpr (kBytes == 2) {
-    const __m512i v = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(valid), from);
-    const __m512i p = _mm512_maskz_compress_epi16(static_cast<__mmask32>(keep), v);
-    _mm512_mask_storeu_epi16(out, static_cast<__mmask32>(wrote), p);
-  } else if constexpr (kBytes == 1) {
-    const __m512i v = _mm512_maskz_loadu_epi8(static_cast<__mmask64>(valid), from);
-    const __m512i p = _mm512_maskz_compress_epi8(static_cast<__mmask64>(keep), v);
-    _mm512_mask_storeu_epi8(out, static_cast<__mmask64>(wrote), p);
-  }
+  if constexpr (kBytes == 2) v = _mm512_maskz_loadu_epi16(static_cast<__mmask32>(valid), from);
+  if constexpr (kBytes == 1) v = _mm512_maskz_loadu_epi8(static_cast<__mmask64>(valid), from);
+#endif
+  const __m512i packed = compress_lanes<kBytes>(keep, v);
+  if constexpr (kBytes == 4) _mm512_mask_storeu_epi32(out, static_cast<__mmask16>(wrote), packed);
+  if constexpr (kBytes == 8) _mm512_mask_storeu_epi64(out, static_cast<__mmask8>(wrote), packed);
+#if defined(__AVX512VBMI2__)
+  if constexpr (kBytes == 2) _mm512_mask_storeu_epi16(out, static_cast<__mmask32>(wrote), packed);
+  if constexpr (kBytes == 1) _mm512_mask_storeu_epi8(out, static_cast<__mmask64>(wrote), packed);
 #endif
 }
 
 template <int kBytes>
-void compress_items(const char* slab, const uint64_t* bits, int64_t c0, int64_t c1, char* out) {
+void compress_items(const char* slab, const uint64_t* bits, int64_t c0, int64_t c1, char* out,
+                    const char* out_end) {
   constexpr int kLanes = 64 / kBytes;  // items per 64-byte vector
+  constexpr int kVectors = 64 / kLanes;  // vectors per word of keep bits
   constexpr uint64_t kLaneMask = kLanes == 64 ? ~0ull : ((1ull << kLanes) - 1);
-  for (int64_t c = c0; c < c1; c += 64) {
+  int64_t c = c0;
+  // Whole words whose full-vector stores all end before out_end (each ends <= out + 64 items).
+  for (; c + 64 <= c1 && out + 64 * kBytes <= out_end; c += 64) {
+    const uint64_t keep = bits_at(bits, c);
+    const char* from = slab + c * kBytes;
+    for (int v = 0; v < kVectors; ++v) {
+      const uint64_t sub = (keep >> (v * kLanes)) & kLaneMask;
+      _mm512_storeu_si512(out, compress_lanes<kBytes>(sub, _mm512_loadu_si512(from + v * 64)));
+      out += static_cast<int64_t>(__builtin_popcountll(sub)) * kBytes;
+    }
+  }
+  for (; c < c1; c += 64) {
     const int64_t len = std::min<int64_t>(64, c1 - c);
     const uint64_t valid = len == 64 ? ~0ull : ((1ull << len) - 1);
     const uint64_t keep = bits_at(bits, c) & valid;
     const char* from = slab + c * kBytes;
-    for (int v = 0; v < 64 / kLanes; ++v) {
+    for (int v = 0; v < kVectors; ++v) {
       const uint64_t sub_keep = (keep >> (v * kLanes)) & kLaneMask;
       const uint64_t sub_valid = (valid >> (v * kLanes)) & kLaneMask;
       if (sub_valid == 0) break;
-      compress_vector<kBytes>(from + v * 64, sub_valid, sub_keep, out);
+      compress_masked<kBytes>(from + v * 64, sub_valid, sub_keep, out);
       out += static_cast<int64_t>(__builtin_popcountll(sub_keep)) * kBytes;
     }
   }
 }
 #endif
 
-void compress_segment(const Layout& p, int64_t a, int64_t k0, int64_t k1, char* out) {
+// Kept channels [k0, k1) of slab a, packed into out (which may be written up to out_end).
+void compress_segment(const Layout& p, int64_t a, int64_t k0, int64_t k1, char* out, const char* out_end) {
 #if defined(__AVX512F__)
   const char* slab = p.base + a * p.N * p.item_bytes;
   const int64_t c0 = p.idx[k0], c1 = p.idx[k1 - 1] + 1;
   const uint64_t* bits = p.keep_bits.data();
   switch (p.item_bytes) {
-    case 4: return compress_items<4>(slab, bits, c0, c1, out);
-    case 8: return compress_items<8>(slab, bits, c0, c1, out);
+    case 4: return compress_items<4>(slab, bits, c0, c1, out, out_end);
+    case 8: return compress_items<8>(slab, bits, c0, c1, out, out_end);
 #if defined(__AVX512VBMI2__)
-    case 2: return compress_items<2>(slab, bits, c0, c1, out);
-    case 1: return compress_items<1>(slab, bits, c0, c1, out);
+    case 2: return compress_items<2>(slab, bits, c0, c1, out, out_end);
+    case 1: return compress_items<1>(slab, bits, c0, c1, out, out_end);
 #endif
     default: break;
   }
 #endif
-  (void)p, (void)a, (void)k0, (void)k1, (void)out;
+  (void)p, (void)a, (void)k0, (void)k1, (void)out, (void)out_end;
   TORCH_CHECK(false, "gather_inplace_cpu: no vector compress for this item size");
 }
 
@@ -163,13 +186,14 @@ void copy_elements(const Layout& p, int64_t a, int64_t k0, int64_t k1, char* out
 // destination (in place, ascending: see the top of the file).
 void copy_items(const Layout& p, char* out, int64_t i0, int64_t i1) {
   const int64_t ib = p.item_bytes;
+  const char* out_end = out + (i1 - i0) * ib;
   int64_t i = i0;
   while (i < i1) {
     const int64_t a = i / p.K;
     const int64_t k0 = i - a * p.K;
     const int64_t k1 = std::min(p.K, k0 + (i1 - i));
     if (p.mode == CopyMode::kCompress) {
-      compress_segment(p, a, k0, k1, out);
+      compress_segment(p, a, k0, k1, out, out_end);
       out += (k1 - k0) * ib;
     } else if (p.mode == CopyMode::kRuns) {
       for (int64_t k = k0; k < k1;) {

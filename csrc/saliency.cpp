@@ -265,15 +265,18 @@ void sweep1(const T* __restrict__ w, const T* __restrict__ g, float* __restrict_
 template <int M, typename T>
 void accumulate_rows(const T* w, int64_t wsr, const T* g, int64_t gsr, float* f, int64_t fsr, int64_t r0,
                      int64_t r1, int64_t k0, int64_t k1, float* acc, float half_scale) {
-  int64_t r = r0;
   // param_mix streams three tensors per row already; GCC does not vectorise its four-row sweep.
-  for (; M != kParamMix && r + 4 <= r1; r += 4) {
-    sweep4<M, T>(w + r * wsr, w + (r + 1) * wsr, w + (r + 2) * wsr, w + (r + 3) * wsr, shift(g, r * gsr),
-                 shift(g, (r + 1) * gsr), shift(g, (r + 2) * gsr), shift(g, (r + 3) * gsr), shift(f, r * fsr),
-                 shift(f, (r + 1) * fsr), shift(f, (r + 2) * fsr), shift(f, (r + 3) * fsr), k0, k1, acc,
-                 half_scale);
+  // The four rows of a sweep come from the four quarters of [r0, r1) (see accumulate_spans).
+  const int64_t q = M == kParamMix ? 0 : (r1 - r0) / 4;
+  for (int64_t r = r0; r < r0 + q; ++r) {
+    sweep4<M, T>(w + r * wsr, w + (r + q) * wsr, w + (r + 2 * q) * wsr, w + (r + 3 * q) * wsr, shift(g, r * gsr),
+                 shift(g, (r + q) * gsr), shift(g, (r + 2 * q) * gsr), shift(g, (r + 3 * q) * gsr),
+                 shift(f, r * fsr), shift(f, (r + q) * fsr), shift(f, (r + 2 * q) * fsr),
+                 shift(f, (r + 3 * q) * fsr), k0, k1, acc, half_scale);
   }
-  for (; r < r1; ++r) sweep1<M, T>(w + r * wsr, shift(g, r * gsr), shift(f, r * fsr), k0, k1, acc, half_scale);
+  for (int64_t r = r0 + 4 * q; r < r1; ++r) {
+    sweep1<M, T>(w + r * wsr, shift(g, r * gsr), shift(f, r * fsr), k0, k1, acc, half_scale);
+  }
 }
 
 // Column scores over threads: by blocks of rows, each into a private accumulator of `width`
@@ -320,16 +323,20 @@ void accumulate_layout(const T* w, int64_t wsr, const T* g, int64_t gsr, float* 
 }
 
 #if defined(ADAPT_SPAN_KERNELS)
-// acc blocks [j0, full) += the terms of rows [r, r + R): one load/store of acc per R rows.
+// acc blocks [j0, full) += the terms of rows r, r + step, ..., r + (R-1)*step: one load/store
+// of acc per R rows.
 template <int M, int R, typename T>
-inline void sweep_spans(const T* w, int64_t wsr, const T* g, int64_t gsr, int64_t r, int64_t j0, int64_t full,
-                        float* acc) {
+inline void sweep_spans(const T* w, int64_t wsr, const T* g, int64_t gsr, int64_t r, int64_t step, int64_t j0,
+                        int64_t full, float* acc) {
   using S = Span<T>;
   constexpr int E = S::kElems, P = S::kParts;
   for (int64_t j = j0; j < full; ++j) {
     f32v a[P];
     for (int p = 0; p < P; ++p) a[p] = loadu<f32v>(acc + j * E + p * kVecLanes);
-    for (int q = 0; q < R; ++q) span_accumulate<M>(w + (r + q) * wsr + j * E, shift(g, (r + q) * gsr + j * E), a);
+    for (int q = 0; q < R; ++q) {
+      const int64_t row = r + q * step;
+      span_accumulate<M>(w + row * wsr + j * E, shift(g, row * gsr + j * E), a);
+    }
     std::memcpy(acc + j * E, a, sizeof a);
   }
 }
@@ -341,9 +348,11 @@ void accumulate_spans(const T* w, int64_t wsr, const T* g, int64_t gsr, int64_t 
                       int64_t j1, int64_t n_keep, float* acc) {
   constexpr int E = Span<T>::kElems;
   const int64_t full = std::min(j1, n_keep / E);
-  int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) sweep_spans<M, 4>(w, wsr, g, gsr, r, j0, full, acc);
-  for (; r < r1; ++r) sweep_spans<M, 1>(w, wsr, g, gsr, r, j0, full, acc);
+  // The four rows of a sweep come from the four quarters of [r0, r1), so each of the eight
+  // streams is long and contiguous, which keeps the hardware prefetcher ahead of DRAM.
+  const int64_t quarter = (r1 - r0) / 4;
+  for (int64_t r = r0; r < r0 + quarter; ++r) sweep_spans<M, 4>(w, wsr, g, gsr, r, quarter, j0, full, acc);
+  for (int64_t r = r0 + 4 * quarter; r < r1; ++r) sweep_spans<M, 1>(w, wsr, g, gsr, r, 0, j0, full, acc);
   if (j1 * E > n_keep && full * E < n_keep) {  // the partial last block, element by element
     for (int64_t rr = r0; rr < r1; ++rr) {
       for (int64_t k = full * E; k < n_keep; ++k) acc[k] += term<M>(w + rr * wsr, shift(g, rr * gsr), nullptr, k, 0.f);
