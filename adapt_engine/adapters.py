@@ -1,10 +1,15 @@
 """The one place where model-family differences live.
 
-Every supported family (Llama incl. Llama-3.x and SmolLM2, Mistral, Qwen2/2.5, Qwen3) has the same
-decoder skeleton in transformers: ``model.model.layers[i].self_attn.{q,k,v,o}_proj`` and
-``.mlp.{gate,up,down}_proj``. What differs is recorded in a :class:`FamilySpec`: which projections
-carry biases (Qwen2), whether per-head q/k norms exist (Qwen3; shared across heads, never sliced), and
-which transformers modules hold the config and model classes (needed to write reloadable remote code).
+Every supported family has the same decoder skeleton in transformers:
+``model.model.layers[i].self_attn.{q,k,v,o}_proj`` and ``.mlp.{gate,up,down}_proj``, with
+attention that reads its head counts from the projection widths through ``head_dim``. That covers
+Llama (incl. Llama-3.x and SmolLM2), SmolLM3, Mistral, Ministral, Qwen2/2.5, Qwen3, Gemma,
+Gemma 2, Gemma 3 (text), Granite, OLMo, Helium, EXAONE 4, Seed-OSS and ERNIE 4.5. What differs is
+recorded in a :class:`FamilySpec`: which transformers modules hold the config and model classes
+(needed to write reloadable remote code). Biases (Qwen2, Seed-OSS, Llama with attention_bias) are
+found on the modules themselves; per-head q/k norms (Qwen3, Gemma 3, EXAONE 4) act on head_dim and
+are shared across heads, so they are never sliced. Families whose norms span all heads (OLMo 2/3,
+Cohere and StableLM with qk-norm) or whose projections are fused (Phi-3, GLM) are not supported.
 """
 
 from __future__ import annotations
@@ -29,17 +34,30 @@ class FamilySpec:
     causal_lm_class: str
 
 
+def _spec(model_type: str, module: str, prefix: str, config_class: str | None = None) -> FamilySpec:
+    base = f"transformers.models.{module}"
+    return FamilySpec(model_type, f"{base}.configuration_{module}", config_class or f"{prefix}Config",
+                      f"{base}.modeling_{module}", f"{prefix}ForCausalLM")
+
+
 FAMILIES: dict[str, FamilySpec] = {
     spec.model_type: spec
     for spec in (
-        FamilySpec("llama", "transformers.models.llama.configuration_llama", "LlamaConfig",
-                   "transformers.models.llama.modeling_llama", "LlamaForCausalLM"),
-        FamilySpec("mistral", "transformers.models.mistral.configuration_mistral", "MistralConfig",
-                   "transformers.models.mistral.modeling_mistral", "MistralForCausalLM"),
-        FamilySpec("qwen2", "transformers.models.qwen2.configuration_qwen2", "Qwen2Config",
-                   "transformers.models.qwen2.modeling_qwen2", "Qwen2ForCausalLM"),
-        FamilySpec("qwen3", "transformers.models.qwen3.configuration_qwen3", "Qwen3Config",
-                   "transformers.models.qwen3.modeling_qwen3", "Qwen3ForCausalLM"),
+        _spec("llama", "llama", "Llama"),
+        _spec("mistral", "mistral", "Mistral"),
+        _spec("ministral", "ministral", "Ministral"),
+        _spec("qwen2", "qwen2", "Qwen2"),
+        _spec("qwen3", "qwen3", "Qwen3"),
+        _spec("gemma", "gemma", "Gemma"),
+        _spec("gemma2", "gemma2", "Gemma2"),
+        _spec("gemma3_text", "gemma3", "Gemma3", config_class="Gemma3TextConfig"),
+        _spec("granite", "granite", "Granite"),
+        _spec("olmo", "olmo", "Olmo"),
+        _spec("smollm3", "smollm3", "SmolLM3"),
+        _spec("helium", "helium", "Helium"),
+        _spec("exaone4", "exaone4", "Exaone4"),
+        _spec("seed_oss", "seed_oss", "SeedOss"),
+        _spec("ernie4_5", "ernie4_5", "Ernie4_5"),
     )
 }
 
