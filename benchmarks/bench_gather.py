@@ -5,6 +5,10 @@ plain contiguous copy of the kept bytes into a preallocated buffer: the floor fo
 data. Extra memory is measured as the peak-RSS increase of one call (/proc/self/status VmHWM
 after resetting it); by construction the C++ path allocates at most its 512 KiB bounce buffer.
 
+"x4" cases compact four same-shape tensors in one call, as surgery does for a parameter with its
+gradient and AdamW exp_avg / exp_avg_sq during recovery training; their copy baseline is one
+contiguous copy of all kept bytes. They run cold only (14 MB of operands is not cache-resident).
+
 The small (SmolLM2) shapes run "hot" (operands left in cache by the setup; the copy baseline
 repeats on the same cache-resident buffers) and "cold" (caches flushed before every round,
 as for a real model's weights during surgery). The 8B shapes exceed the cache: always cold.
@@ -21,19 +25,21 @@ from adapt_engine.kernels import backend_for, gather_channels, gather_channels_r
 # (shape, dim, pattern): MLP channels removed at random (rows of gate/up, columns of down),
 # attention heads of 64 removed (rows of q, columns of o), at 50 % kept.
 CASES_BASE = [
-    ((1536, 576), 0, "random"),
-    ((576, 1536), 1, "random"),
-    ((576, 576), 1, "heads"),
-    ((14336, 4096), 0, "random"),
-    ((4096, 14336), 1, "random"),
+    ((1536, 576), 0, "random", 1),
+    ((576, 1536), 1, "random", 1),
+    ((576, 576), 1, "heads", 1),
+    ((1536, 576), 0, "random", 4),
+    ((576, 1536), 1, "random", 4),
+    ((14336, 4096), 0, "random", 1),
+    ((4096, 14336), 1, "random", 1),
 ]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IMPLS = ("copy", "index_select", "reference", "kernel")
 CASES = [
-    (s, d, p, dt, c, i)
-    for s, d, p in CASES_BASE
+    (s, d, p, n, dt, c, i)
+    for s, d, p, n in CASES_BASE
     for dt in DTYPES
-    for c in (("dram",) if s[0] * s[1] > (1 << 24) else ("hot", "cold"))
+    for c in (("dram",) if s[0] * s[1] > (1 << 24) else ("cold",) if n > 1 else ("hot", "cold"))
     for i in IMPLS
 ]
 
@@ -66,13 +72,14 @@ def peak_extra_bytes(fn) -> int | None:
         return None
 
 
-@pytest.mark.parametrize("shape, dim, pattern, dtype, cache, impl", CASES,
-                         ids=[f"{s[0]}x{s[1]}-dim{d}-{p}-{dt}-{c}-{i}" for s, d, p, dt, c, i in CASES])
-def test_gather_channels(benchmark, bench_record, bench_lookup, evict_caches, shape, dim, pattern, dtype, cache,
-                         impl):
-    src = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(DTYPES[dtype])
+@pytest.mark.parametrize("shape, dim, pattern, count, dtype, cache, impl", CASES,
+                         ids=[f"{s[0]}x{s[1]}-dim{d}-{p}-x{n}-{dt}-{c}-{i}" for s, d, p, n, dt, c, i in CASES])
+def test_gather_channels(benchmark, bench_record, bench_lookup, evict_caches, shape, dim, pattern, count, dtype,
+                         cache, impl):
+    gen = torch.Generator().manual_seed(0)
+    srcs = [torch.randn(shape, generator=gen).to(DTYPES[dtype]) for _ in range(count)]
     idx = _index(shape[dim], pattern)
-    kept = src.index_select(dim, idx)
+    kept = torch.cat([src.index_select(dim, idx).flatten() for src in srcs])
     kept_bytes = kept.nbytes
     if impl == "copy":
         dst = torch.empty_like(kept)
@@ -88,31 +95,33 @@ def test_gather_channels(benchmark, bench_record, bench_lookup, evict_caches, sh
     else:
         del kept
         op = {
-            "index_select": lambda t: t.index_select(dim, idx),
-            "reference": lambda t: gather_channels_reference([t], idx, dim),
-            "kernel": lambda t: gather_channels([t], idx, dim),
+            "index_select": lambda ts: [t.index_select(dim, idx) for t in ts],
+            "reference": lambda ts: gather_channels_reference(ts, idx, dim),
+            "kernel": lambda ts: gather_channels(ts, idx, dim),
         }[impl]
-        # One long-lived tensor restored before every round, as a model's parameters are: a fresh
-        # clone per round would add first-touch TLB misses that the copy baseline never pays.
-        work = src.clone()
+        # Long-lived tensors restored before every round, as a model's parameters are: fresh
+        # clones per round would add first-touch TLB misses that the copy baseline never pays.
+        work = [src.clone() for src in srcs]
         op(work)  # warm-up: JIT load, allocator pools
 
         def setup():
-            work.copy_(src)
+            for w, src in zip(work, srcs):
+                w.copy_(src)
             if cache == "cold":
                 evict_caches()
             return (work,), {}
 
-        def run(t):
-            op(t)
+        def run(ts):
+            op(ts)
 
-    case = f"gather {shape[0]}x{shape[1]} dim{dim} {pattern} {dtype} {cache}"
+    suffix = "" if count == 1 else f" x{count}"
+    case = f"gather {shape[0]}x{shape[1]} dim{dim} {pattern}{suffix} {dtype} {cache}"
     benchmark.group = case
-    rounds = int(max(3, min(30, 4e9 // max(1, src.nbytes))))
+    rounds = int(max(3, min(30, 4e9 // max(1, count * srcs[0].nbytes))))
     benchmark.pedantic(run, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
-    info = {"backend": backend_for(src) if impl == "kernel" else "torch", "kept_mb": kept_bytes / 1e6}
+    info = {"backend": backend_for(srcs[0]) if impl == "kernel" else "torch", "kept_mb": kept_bytes / 1e6}
     if impl != "copy":
-        fresh = src.clone()
+        fresh = [src.clone() for src in srcs]
         extra = peak_extra_bytes(lambda: op(fresh))
         if extra is not None:
             info["peak_extra_mb"] = extra / 1e6
