@@ -135,12 +135,22 @@ def _attention_of(model: nn.Module) -> str:
     return str(getattr(model.config, "_attn_implementation", None) or "unknown")
 
 
-def _set_attention(model: nn.Module, implementation: str) -> None:
+def _set_attention(model: nn.Module, implementation: str, fallback: str | None = None) -> None:
     setter = getattr(model, "set_attn_implementation", None)
-    if setter is not None:
-        setter(implementation)
-    else:
+    if setter is None:
         model.config._attn_implementation = implementation
+        return
+    try:
+        setter(implementation)
+    except (ValueError, ImportError) as err:
+        # Some families have no SDPA path (Gemma 2's logit soft-capping): --attn auto falls back.
+        if fallback is None:
+            reason = str(err).split(". ")[0]
+            raise BenchInputError(
+                f"{type(model).__name__} cannot run --attn {implementation} ({reason}); choose another --attn, "
+                "e.g. eager, or leave the default auto"
+            ) from err
+        setter(fallback)
 
 
 def environment(device: torch.device, dtype: torch.dtype, attention: str) -> dict:
@@ -606,6 +616,7 @@ def benchmark_models(
     repeats: int = DEFAULT_REPEATS,
     warmup: int = DEFAULT_WARMUP,
     attention: str | None = None,
+    attention_fallback: str | None = None,
     measure_memory: bool = True,
     check_inputs: bool = True,
     seed: int = 0,
@@ -613,7 +624,8 @@ def benchmark_models(
 ) -> BenchResult:
     """Benchmark models (the first, or ``baseline``, is the dense reference) interleaved, in one process.
 
-    ``attention`` switches every model to that attention implementation (None keeps theirs). With
+    ``attention`` switches every model to that attention implementation (None keeps theirs); a model
+    that cannot use it gets ``attention_fallback`` instead, or a :class:`BenchInputError` without one. With
     ``check_inputs`` every other model must be a pruned version of the baseline and every setting must
     fit in memory, else :class:`BenchInputError`.
     """
@@ -646,7 +658,7 @@ def benchmark_models(
             )
     if attention is not None:
         for model in models.values():
-            _set_attention(model, attention)
+            _set_attention(model, attention, attention_fallback)
     attentions = {_attention_of(m) for m in models.values()}
     attention_name = attentions.pop() if len(attentions) == 1 else "mixed: " + ", ".join(sorted(attentions))
     bytes_per_value = torch.finfo(dtype).bits // 8
@@ -891,7 +903,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
     parser.add_argument("--attn", default="auto", choices=ATTENTION_CHOICES,
                         help="attention implementation (default auto: flash_attention_2 on a GPU when "
-                             "flash-attn is installed and the dtype is 16-bit, else sdpa)")
+                             "flash-attn is installed and the dtype is 16-bit, else sdpa; eager for a family "
+                             "without either, e.g. Gemma 2)")
     parser.add_argument("--output", default="bench-output", metavar="DIR",
                         help=f"folder for {JSON_NAME} and {CHART_NAME} (default: bench-output)")
     parser.add_argument("--threads", type=_positive_int, default=None,
@@ -945,6 +958,7 @@ def run_bench(args: argparse.Namespace) -> int:
         result = benchmark_models(models, tokenizer, baseline="dense", batch_sizes=args.batch_sizes,
                                   prompt_lens=args.prompt_lens, new_tokens=args.new_tokens,
                                   repeats=args.repeats, warmup=args.warmup, attention=attention,
+                                  attention_fallback="eager" if args.attn == "auto" else None,
                                   seed=args.seed, progress=log)
     except (BenchInputError, ModelLoadError, UnsupportedModelError) as err:
         print(f"error: {err}", file=sys.stderr)

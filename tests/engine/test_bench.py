@@ -219,6 +219,16 @@ def test_training_mode_is_restored():
     assert dense.training and not pruned.training
 
 
+def test_attention_without_sdpa_falls_back_only_when_allowed():
+    """Gemma 2 has no SDPA path: --attn auto (fallback eager) runs, an explicit sdpa is a clear error."""
+    models = {"dense": make_tiny_model("gemma2", vocab=256), "same": make_tiny_model("gemma2", vocab=256)}
+    kw = dict(batch_sizes=(1,), prompt_lens=(4,), new_tokens=2, repeats=1, warmup=0, attention="sdpa")
+    result = benchmark_models(models, attention_fallback="eager", **kw)
+    assert result.environment["attention"] == "eager"
+    with pytest.raises(BenchInputError, match="cannot run --attn sdpa.*choose another --attn"):
+        benchmark_models(models, **kw)
+
+
 def test_quick_speedup_reports_measured_and_ideal():
     result = quick_speedup(tiny_llama(), tiny_pruned(), prompt_len=8, new_tokens=3, repeats=1)
     for key in ("prefill_speedup", "decode_speedup", "ideal_prefill_speedup", "ideal_decode_speedup"):
