@@ -34,32 +34,25 @@ class FamilySpec:
     causal_lm_class: str
 
 
+# (model_type, transformers.models.<module>, class-name prefix): config class <prefix>Config and
+# model class <prefix>ForCausalLM, except where a config class is named explicitly.
+_FAMILY_TABLE = (
+    ("llama", "llama", "Llama"), ("mistral", "mistral", "Mistral"), ("ministral", "ministral", "Ministral"),
+    ("qwen2", "qwen2", "Qwen2"), ("qwen3", "qwen3", "Qwen3"), ("gemma", "gemma", "Gemma"),
+    ("gemma2", "gemma2", "Gemma2"), ("gemma3_text", "gemma3", "Gemma3", "Gemma3TextConfig"),
+    ("granite", "granite", "Granite"), ("olmo", "olmo", "Olmo"), ("smollm3", "smollm3", "SmolLM3"),
+    ("helium", "helium", "Helium"), ("exaone4", "exaone4", "Exaone4"), ("seed_oss", "seed_oss", "SeedOss"),
+    ("ernie4_5", "ernie4_5", "Ernie4_5"),
+)
+
+
 def _spec(model_type: str, module: str, prefix: str, config_class: str | None = None) -> FamilySpec:
     base = f"transformers.models.{module}"
     return FamilySpec(model_type, f"{base}.configuration_{module}", config_class or f"{prefix}Config",
                       f"{base}.modeling_{module}", f"{prefix}ForCausalLM")
 
 
-FAMILIES: dict[str, FamilySpec] = {
-    spec.model_type: spec
-    for spec in (
-        _spec("llama", "llama", "Llama"),
-        _spec("mistral", "mistral", "Mistral"),
-        _spec("ministral", "ministral", "Ministral"),
-        _spec("qwen2", "qwen2", "Qwen2"),
-        _spec("qwen3", "qwen3", "Qwen3"),
-        _spec("gemma", "gemma", "Gemma"),
-        _spec("gemma2", "gemma2", "Gemma2"),
-        _spec("gemma3_text", "gemma3", "Gemma3", config_class="Gemma3TextConfig"),
-        _spec("granite", "granite", "Granite"),
-        _spec("olmo", "olmo", "Olmo"),
-        _spec("smollm3", "smollm3", "SmolLM3"),
-        _spec("helium", "helium", "Helium"),
-        _spec("exaone4", "exaone4", "Exaone4"),
-        _spec("seed_oss", "seed_oss", "SeedOss"),
-        _spec("ernie4_5", "ernie4_5", "Ernie4_5"),
-    )
-}
+FAMILIES: dict[str, FamilySpec] = {row[0]: _spec(*row) for row in _FAMILY_TABLE}
 
 # Per-layer shape lists written into config.json of a pruned model (read by remote/ code too).
 LAYER_HEADS_KEY = "layer_num_attention_heads"
