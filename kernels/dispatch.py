@@ -136,6 +136,8 @@ def gather_channels(
     """Compact each tensor in place to the sorted unique index along dim; return new-shape views."""
     if isinstance(tensors, torch.Tensor):
         return gather_channels_with(tensors, index, dim, shrink, _gather_one)  # raises the clear error
+    if not isinstance(tensors, (list, tuple)):
+        tensors = list(tensors)  # a generator is read once, here
     if tensors and all(isinstance(t, torch.Tensor) and t.is_cpu for t in tensors):
         ops = load_cpu_kernels()
         if ops is not None:

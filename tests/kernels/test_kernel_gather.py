@@ -72,6 +72,12 @@ def test_wide_items_of_a_3d_tensor_across_threads(mode):
         torch.set_num_threads(before)
 
 
+def test_tensors_may_come_from_a_generator():
+    t = torch.arange(12.0).reshape(3, 4)
+    (got,) = gather_channels((x for x in [t]), torch.tensor([1, 3]), 1)
+    assert torch.equal(got, torch.tensor([[1.0, 3.0], [5.0, 7.0], [9.0, 11.0]]))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_many_random_index_sets(impl):
     gen = torch.Generator().manual_seed(11)
