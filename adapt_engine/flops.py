@@ -100,8 +100,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     if best is None:
         raise UnsupportedShapeError(
             f"{type(model).__name__} has no list of decoder layers with nn.Linear q/k/v/o_proj; "
-            "FLOPs are counted for Llama-style decoders (Llama, Mistral, Qwen2/2.5, Qwen3). "
-            "Pass a *ForCausalLM model of one of those families."
+            "FLOPs are counted for Llama-style decoders (the families in adapt_engine.adapters.FAMILIES, "
+            "e.g. Llama, Mistral, Qwen2/3, Gemma). Pass a *ForCausalLM model of one of those families."
         )
     return best
 
