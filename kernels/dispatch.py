@@ -15,7 +15,7 @@ from functools import lru_cache
 import torch
 
 from .cpu_extension import load_cpu_kernels
-from .gather import compacted_view, gather_channels_with, gather_inplace_reference, is_cpu_long_index
+from .gather import gather_channels_with, gather_inplace_reference
 from .saliency import (
     METRIC_IDS,
     SaliencyArgs,
@@ -100,32 +100,6 @@ def _gather_all_with(ops):
     return gather_all
 
 
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
-def _gather_cpu_fast(ops, tensors: Sequence[torch.Tensor], index: torch.Tensor, dim: int) -> list | None:
-    """The common call (contiguous CPU tensors, CPU int64 index) with no per-call Python beyond
-    one C++ call and the result views; None when anything is unusual or the C++ check rejects it
-    (the general path then gives the clear error). Small gathers cost a few microseconds, so the
-    Python around the copy is a visible share of them."""
-    work, dims = [], []
-    for t in tensors:
-        if type(t) not in _PLAIN_TYPES or not t.is_cpu or not t.is_contiguous():
-            return None
-        nd = t.dim()
-        if nd == 1:
-            dims.append(0)
-        elif type(dim) is int and -nd <= dim < nd:
-            dims.append(dim % nd)
-        else:
-            return None
-        work.append(t.detach() if t.requires_grad else t)
-    if ops.gather_channels(work, index, dims) != 0:
-        return None
-    k = index.shape[0]
-    return [compacted_view(t, d, k) for t, d in zip(work, dims)]
-
-
 def gather_channels(
     tensors: Sequence[torch.Tensor],
     index: torch.Tensor | Sequence[int],
@@ -141,9 +115,5 @@ def gather_channels(
     if tensors and all(isinstance(t, torch.Tensor) and t.is_cpu for t in tensors):
         ops = load_cpu_kernels()
         if ops is not None:
-            if not shrink and is_cpu_long_index(index):
-                fast = _gather_cpu_fast(ops, tensors, index, dim)
-                if fast is not None:
-                    return fast
             return gather_channels_with(tensors, index, dim, shrink, _gather_one, _gather_all_with(ops))
     return gather_channels_with(tensors, index, dim, shrink, _gather_one)

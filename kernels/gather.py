@@ -32,7 +32,7 @@ REFERENCE_CHUNK_BYTES = 1 << 20
 REFERENCE_CHUNK_ITEMS = 1 << 16
 
 
-def is_cpu_long_index(index) -> bool:
+def _is_cpu_long(index) -> bool:
     """True for a contiguous 1-D int64 CPU tensor without grad: usable as an index with no copy."""
     return (
         type(index) is torch.Tensor and index.dtype == torch.int64 and index.device.type == "cpu"
@@ -41,7 +41,7 @@ def is_cpu_long_index(index) -> bool:
 
 
 def _as_index(index: torch.Tensor | Sequence[int]) -> torch.Tensor:
-    if is_cpu_long_index(index):  # the common case, without a copy
+    if _is_cpu_long(index):  # the common case, without a copy
         return index
     if isinstance(index, torch.Tensor):
         if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
@@ -131,11 +131,7 @@ def check_layouts(layouts: list[tuple[torch.Tensor, int, bool]], idx: torch.Tens
 
 def compacted_view(t: torch.Tensor, dim: int, kept: int) -> torch.Tensor:
     """View of t's storage holding the compacted tensor (size `kept` along dim, contiguous)."""
-    shape = t.shape
-    if len(shape) == 2:  # the common case, without the general loop
-        shape = (kept, shape[1]) if dim == 0 else (shape[0], kept)
-        return t.as_strided(shape, (shape[1], 1), t.storage_offset())
-    shape = list(shape)
+    shape = list(t.shape)
     shape[dim] = kept
     stride = [1] * len(shape)
     for i in range(len(shape) - 2, -1, -1):
