@@ -26,15 +26,60 @@ from pathlib import Path
 
 import torch
 
+from .errors import AdaptEngineError
+from .fsio import atomic_write_json
+
 FORMAT_VERSION = 1
 LATEST = "latest.json"
 META = "meta.json"
 TRAINER = "trainer.pt"
 MODEL_DIR = "model"
+MARKER = ".adapt-engine-checkpoints"  # written into every checkpoint folder adapt-engine creates
 
 
-class CheckpointError(ValueError):
+class CheckpointError(AdaptEngineError, ValueError):
     """A checkpoint is missing, corrupt, or does not belong to this run."""
+
+
+def open_checkpoint_dir(path: str | Path, *, resume: bool) -> Path:
+    """Create or adopt a checkpoint folder; refuse any non-empty folder that adapt-engine did not create.
+
+    A fresh run in a folder of ours from an earlier run removes that run's checkpoints (only what
+    adapt-engine wrote); ``resume`` keeps them. The folder is marked so that later runs recognise it.
+    """
+    folder = Path(path).expanduser().absolute()
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"--checkpoint-dir '{path}' is a file; give a folder path")
+    if folder.is_dir() and not (folder / MARKER).is_file() and any(folder.iterdir()):
+        raise CheckpointError(
+            f"--checkpoint-dir '{path}' exists, is not empty and was not created by adapt-engine (it has no "
+            f"{MARKER} file); refusing to write into it or delete anything in it. Give a new or empty folder"
+        )
+    if folder.is_dir() and not resume:
+        _remove_ours(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / MARKER).is_file():
+        atomic_write_json(folder / MARKER, {"written_by": "adapt-engine", "kind": "checkpoints"})
+    return folder
+
+
+def _remove_ours(folder: Path) -> None:
+    for entry in folder.iterdir():
+        if entry.name.startswith(("step-", ".step-")) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name == LATEST or (entry.name.startswith(f".{LATEST}.") and entry.is_file()):
+            entry.unlink(missing_ok=True)
+
+
+def remove_checkpoint_dir(path: str | Path) -> None:
+    """Delete what adapt-engine wrote in a checkpoint folder, and the folder itself only if that empties it."""
+    folder = Path(path).expanduser().absolute()
+    if not folder.is_dir() or not (folder / MARKER).is_file():
+        return
+    _remove_ours(folder)
+    (folder / MARKER).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # fails, keeping it, when the user put other files there
 
 
 def _sha256(path: Path) -> str:
