@@ -4,13 +4,16 @@ Layout of a checkpoint folder (``<dir>/step-000042/``)::
 
     model/        the (pruned) model in the reloadable save_pruned format: safetensors + config.json with
                   every layer's head count, KV head count and MLP width, so the shapes are rebuilt
-    trainer.pt    optimizer state, schedule, data position, RNG states of every rank, run bookkeeping
+    trainer.json + trainer.safetensors
+                  optimizer state, schedule, data position, RNG states of every rank, run bookkeeping
+                  (``tensor_tree``: plain data, never a pickle, so a forged checkpoint cannot run code)
     meta.json     format version, position, and a SHA-256 of every file above (written last)
 
 and ``<dir>/latest.json`` names the newest complete one. A checkpoint is written into a temporary
-folder, renamed into place, and only then does ``latest.json`` move to it (``os.replace``), so a
-``kill -9`` at any moment leaves the previous checkpoint intact and pointed to. Older checkpoints are
-removed after the pointer has moved.
+folder and renamed to a name no other checkpoint has (a second checkpoint of the same step, after a
+phase without training windows, gets ``step-N.1``); only then does ``latest.json`` move to it, and
+only after that are older checkpoints removed. So at every instant of a ``kill -9`` the pointer names
+a complete checkpoint.
 """
 
 from __future__ import annotations
@@ -18,21 +21,24 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import random
+import re
 import shutil
-import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import AdaptEngineError
-from .fsio import atomic_write_json
+from .fsio import atomic_dir, atomic_write_json, recover_interrupted
+from .saving import load_pruned, save_pruned
+from .tensor_tree import TreeFormatError, load_tree, save_tree
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: trainer.pt (a pickle; no longer read)
 LATEST = "latest.json"
 META = "meta.json"
-TRAINER = "trainer.pt"
+TRAINER = "trainer"  # trainer.json + trainer.safetensors
+LEGACY_TRAINER = "trainer.pt"
 MODEL_DIR = "model"
 MARKER = ".adapt-engine-checkpoints"  # written into every checkpoint folder adapt-engine creates
 
@@ -90,39 +96,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def rng_state() -> dict:
     """Every RNG this process draws from (torch CPU and CUDA, Python, NumPy if present)."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:
-        pass
     return state
 
 
@@ -133,8 +111,6 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if "numpy" in state:
-        import numpy as np
-
         np.random.set_state(state["numpy"])
 
 
@@ -152,48 +128,56 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+_NAME = re.compile(r"step-(\d{9})(?:\.(\d+))?")
+
+
+def _order(name: str) -> tuple[int, int] | None:
+    """(step, repeat) of a checkpoint folder name, or None for anything else."""
+    m = _NAME.fullmatch(name)
+    return None if m is None else (int(m.group(1)), int(m.group(2) or 0))
+
+
+def _free_name(directory: Path, step: int) -> str:
+    """``step-N``, or ``step-N.k`` when earlier checkpoints of this step exist (never reuse a folder)."""
+    base = f"step-{step:09d}"
+    taken = [o[1] for p in directory.glob(base + "*") if (o := _order(p.name)) is not None and o[0] == step]
+    return base if not taken else f"{base}.{max(taken) + 1}"
+
+
 def save_checkpoint(
     directory: str | Path, step: int, model, tokenizer, trainer_state: dict, keep: int = 1,
 ) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest.json`` at it, keep the newest ``keep``."""
-    from .saving import save_pruned
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:09d}"
+    name = _free_name(directory, step)
     final = directory / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=directory))
-    try:
+    with atomic_dir(final, marker=None) as tmp:
         with _quiet_transformers():
             save_pruned(model, tokenizer, tmp / MODEL_DIR, report=None)
-        torch.save(trainer_state, tmp / TRAINER)
-        _fsync(tmp / TRAINER)
+        save_tree(trainer_state, tmp / TRAINER)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         meta = {
             "format_version": FORMAT_VERSION,
             "step": step,
             "files": {str(p.relative_to(tmp)): _sha256(p) for p in files},
         }
-        (tmp / META).write_text(json.dumps(meta, indent=1))
-        _fsync(tmp / META)
-        if final.exists():  # a stale copy of the same step (from before a resume): replace it
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _atomic_write_text(directory / LATEST, json.dumps({"checkpoint": name, "step": step}))
+        atomic_write_json(tmp / META, meta, indent=1)
+    atomic_write_json(directory / LATEST, {"checkpoint": name, "step": step}, indent=None)
     _prune_old(directory, keep=keep, current=name)
     return final
 
 
 def _prune_old(directory: Path, keep: int, current: str) -> None:
-    ckpts = sorted(p for p in directory.glob("step-*") if p.is_dir() and not p.name.startswith("."))
-    for old in ckpts[: max(0, len(ckpts) - max(1, keep))]:
-        if old.name != current:
-            shutil.rmtree(old, ignore_errors=True)
-    for junk in directory.glob(".step-*.tmp-*"):  # left by a process killed mid-write
-        shutil.rmtree(junk, ignore_errors=True)
+    """Remove checkpoints older than the newest ``keep`` (never ``current``), and orphans newer than it."""
+    now = _order(current)
+    ckpts = sorted((o, p) for p in directory.glob("step-*") if p.is_dir() and (o := _order(p.name)) is not None)
+    older = [p for o, p in ckpts if o < now]
+    newer = [p for o, p in ckpts if o > now]  # written by a run killed before it moved the pointer
+    for old in older[: max(0, len(older) - (max(1, keep) - 1))] + newer:
+        shutil.rmtree(old, ignore_errors=True)
+    for name in {p.name.split(".tmp-")[0].lstrip(".") for p in directory.glob(".step-*.tmp-*")}:
+        recover_interrupted(directory / name)  # temporaries of killed writers (live writers' are kept)
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
@@ -204,9 +188,12 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
         return None
     try:
         name = json.loads(pointer.read_text())["checkpoint"]
-    except (json.JSONDecodeError, KeyError, OSError) as err:
+    except (json.JSONDecodeError, KeyError, TypeError, OSError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{pointer} is corrupt ({err}); delete it to resume from an older step-* folder "
                               f"by hand, or start over without --resume") from err
+    if not isinstance(name, str) or _order(name) is None:
+        raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint folder name (step-N); the "
+                              f"checkpoint folder was edited. Start over without --resume")
     path = directory / name
     if not path.is_dir():
         raise CheckpointError(f"{pointer} names '{name}', which does not exist in {directory}; the checkpoint "
@@ -224,6 +211,14 @@ def verify_checkpoint(path: str | Path) -> dict:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{meta_path} is corrupt ({err}); start over without --resume") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
+        raise CheckpointError(f"{meta_path} is not a checkpoint index; start over without --resume")
+    if meta.get("format_version") == 1 or LEGACY_TRAINER in meta["files"]:
+        raise CheckpointError(
+            f"{path} was written by an older adapt-engine (checkpoint format 1, a pickled {LEGACY_TRAINER}, which "
+            f"this version never loads because unpickling can run code). Start over without --resume, or finish "
+            f"the run with the adapt-engine version that wrote it"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format {meta.get('format_version')}, this adapt-engine reads "
@@ -239,18 +234,24 @@ def verify_checkpoint(path: str | Path) -> dict:
     return meta
 
 
+def load_trainer_state(path: str | Path) -> dict:
+    """The trainer state of a verified checkpoint folder (plain data and tensors; nothing is unpickled)."""
+    path = Path(path)
+    try:
+        state = load_tree(path / TRAINER)
+    except TreeFormatError as err:
+        raise CheckpointError(f"the trainer state in {path} is damaged ({err}); start over without --resume") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"the trainer state in {path} is not a mapping; the checkpoint is damaged")
+    return state
+
+
 def load_checkpoint(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
     """(model, trainer_state) from a verified checkpoint folder; the model has the recorded layer widths."""
-    from .saving import load_pruned
-
     path = Path(path)
     verify_checkpoint(path)
     model = load_pruned(path / MODEL_DIR, device=device, dtype=dtype)
-    try:
-        state = torch.load(path / TRAINER, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
-        raise CheckpointError(f"{path / TRAINER} cannot be read ({err}); the checkpoint is damaged") from err
-    return model, state
+    return model, load_trainer_state(path)
 
 
 def check_compatible(saved: dict, current: dict) -> None:

@@ -73,6 +73,7 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[Path], None]) -
     """Write ``data`` (bytes, text, or a function that writes a given temporary path) to ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted(path)  # temporaries of a writer killed earlier
     fd, tmp_name = tempfile.mkstemp(prefix=_temp_name(path, _TMP_TAG), dir=path.parent)
     tmp = Path(tmp_name)
     try:

@@ -221,7 +221,7 @@ def test_corrupt_and_mismatched_checkpoints_are_clear_errors(model_dir, tmp_path
     with pytest.raises(CheckpointError, match="lr: checkpoint 0.002, now 0.001"):
         run(_cfg(model_dir, tmp_path / "out", checkpoint_every=2, lr=1e-3, resume=True))
     ckpt = latest_checkpoint(cfg.run_dir() / "checkpoints")
-    trainer = ckpt / "trainer.pt"
+    trainer = ckpt / "trainer.safetensors"
     data = bytearray(trainer.read_bytes())
     data[len(data) // 2] ^= 0xFF
     trainer.write_bytes(bytes(data))
