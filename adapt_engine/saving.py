@@ -11,14 +11,14 @@ that subclass the stock transformers classes of the model's family. So the model
 
 The config's ``model_type`` is ``adapt_pruned_<family>`` so that stock loading without
 ``trust_remote_code`` fails loudly instead of building the unpruned shapes. Everything is written to a
-temporary directory beside the target and renamed into place, so a crash never leaves half a model.
+temporary directory beside the target and swapped into place (``fsio.atomic_dir``), so a crash never
+leaves half a model, and replacing an earlier output never leaves the path empty.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,6 +32,8 @@ from .adapters import (
     DecoderAdapter,
     UnsupportedModelError,
 )
+from .errors import AdaptEngineError
+from .fsio import atomic_dir, atomic_write_json, written_by_us
 
 REPORT_NAME = "pruning_report.json"
 SHAPES_FILE = Path(__file__).parent / "remote" / "adapt_pruned_shapes.py"
@@ -62,7 +64,7 @@ class AdaptPrunedForCausalLM({causal_lm_class}):
 '''
 
 
-class PrunedModelError(ValueError):
+class PrunedModelError(AdaptEngineError, ValueError):
     """Raised when a saved pruned model is missing, corrupt or inconsistent."""
 
 
@@ -74,12 +76,6 @@ def _write_remote_code(folder: Path, family_name: str) -> None:
     shutil.copyfile(SHAPES_FILE, folder / "adapt_pruned_shapes.py")
 
 
-def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    tmp.replace(path)
-
-
 def _json_default(obj):
     if torch.is_tensor(obj):
         return obj.tolist()
@@ -89,16 +85,21 @@ def _json_default(obj):
 
 
 def save_pruned(model, tokenizer, output_dir: str | Path, report: dict | None = None) -> Path:
-    """Write a pruned (or unpruned) model in the reloadable adapt-engine format, atomically."""
+    """Write a pruned (or unpruned) model in the reloadable adapt-engine format, atomically.
+
+    An existing output is replaced only if adapt-engine wrote it (or it is empty); it is swapped with the
+    new one in one step, so the path always holds a complete model.
+    """
     adapter = DecoderAdapter(model)
     adapter.record_shapes()
     family = adapter.family.model_type
-    out = Path(output_dir).resolve()
+    out = Path(output_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise PrunedModelError(f"--output '{out}' exists and is not a directory; choose another path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    if out.is_dir() and any(out.iterdir()) and not written_by_us(out):
+        raise PrunedModelError(f"'{out}' holds files that adapt-engine did not write; refusing to replace it. "
+                               f"Choose another output folder")
+    with atomic_dir(out, overwrite=True, marker="model") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -112,22 +113,10 @@ def save_pruned(model, tokenizer, output_dir: str | Path, report: dict | None = 
             "AutoConfig": "configuration_adapt_pruned.AdaptPrunedConfig",
             "AutoModelForCausalLM": "modeling_adapt_pruned.AdaptPrunedForCausalLM",
         }
-        _atomic_json(cfg_path, cfg)
+        atomic_write_json(cfg_path, cfg, default=_json_default)
         _write_remote_code(tmp, family)
         if report is not None:
-            _atomic_json(tmp / REPORT_NAME, report)
-        if out.exists():
-            backup = out.with_name(f".{out.name}.old")
-            if backup.exists():
-                shutil.rmtree(backup)
-            out.rename(backup)
-            tmp.rename(out)
-            shutil.rmtree(backup)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            atomic_write_json(tmp / REPORT_NAME, report, default=_json_default)
     return out
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..errors import AdaptEngineError
+from adapt_engine.errors import AdaptEngineError  # absolute: this folder is also importable as `kernels`
 
 DISABLE_ENV = "ADAPT_ENGINE_DISABLE_CPP"
 EXTENSION_NAME = "adapt_engine_cpu_kernels"

@@ -1,13 +1,18 @@
 """Save → reload with adapt_engine.load_pruned and with stock transformers (trust_remote_code)."""
 
 import json
+import stat
+import subprocess
+import sys
 
 import pytest
 import torch
 from tiny_models import FAMILY_CASES, make_tiny_model
 from transformers import AutoModelForCausalLM
 
+from adapt_engine import fsio
 from adapt_engine.adapters import UnsupportedModelError
+from adapt_engine.errors import AdaptEngineError
 from adapt_engine.pruner import AdaptPruner, PruneSettings
 from adapt_engine.saving import PrunedModelError, load_pruned, save_pruned
 
@@ -71,3 +76,44 @@ def test_stock_loading_without_remote_code_fails_loudly(tmp_path, tiny_tokenizer
     out = save_pruned(_pruned(), tiny_tokenizer, tmp_path / "m")
     with pytest.raises(Exception, match="trust_remote_code|adapt_pruned"):
         AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
+
+
+def test_overwrite_is_atomic_and_keeps_the_old_model_on_failure(tmp_path, tiny_tokenizer, monkeypatch):
+    out = save_pruned(_pruned(), tiny_tokenizer, tmp_path / "m")
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~fsio.current_umask()  # not mkdtemp's 0700
+    before = (out / "config.json").read_text()
+
+    class Killed(BaseException):
+        pass
+
+    def dies(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(type(tiny_tokenizer), "save_pretrained", dies)
+    with pytest.raises(Killed):
+        save_pruned(make_tiny_model("llama", layers=2), tiny_tokenizer, out)
+    assert (out / "config.json").read_text() == before  # the old output is intact
+    monkeypatch.undo()
+    save_pruned(make_tiny_model("llama", layers=2), tiny_tokenizer, out)
+    assert len(json.loads((out / "config.json").read_text())["layer_intermediate_sizes"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_leftovers_of_a_killed_save_are_removed(tmp_path, tiny_tokenizer):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    leftover = tmp_path / f".m.tmp-{dead}-abc123"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    save_pruned(_pruned(), tiny_tokenizer, tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path, tiny_tokenizer):
+    mine = tmp_path / "docs"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(PrunedModelError, match="did not write") as info:
+        save_pruned(_pruned(), tiny_tokenizer, mine)
+    assert isinstance(info.value, AdaptEngineError)
+    assert (mine / "thesis.tex").read_text() == "years of work"
