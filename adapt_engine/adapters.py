@@ -18,8 +18,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .errors import AdaptEngineError
 
-class UnsupportedModelError(ValueError):
+# The per-layer width keys of a pruned model's config.json are owned by the remote module: it is copied
+# next to saved models and must stay standalone.
+from .remote.adapt_pruned_shapes import LAYER_HEADS_KEY, LAYER_KV_HEADS_KEY, LAYER_MLP_KEY
+
+
+class UnsupportedModelError(AdaptEngineError, ValueError):
     """Raised for a model whose family the engine cannot prune."""
 
 
@@ -54,10 +60,6 @@ def _spec(model_type: str, module: str, prefix: str, config_class: str | None = 
 
 FAMILIES: dict[str, FamilySpec] = {row[0]: _spec(*row) for row in _FAMILY_TABLE}
 
-# Per-layer shape lists written into config.json of a pruned model (read by remote/ code too).
-LAYER_HEADS_KEY = "layer_num_attention_heads"
-LAYER_KV_HEADS_KEY = "layer_num_key_value_heads"
-LAYER_MLP_KEY = "layer_intermediate_sizes"
 PRUNED_PREFIX = "adapt_pruned_"
 
 
@@ -195,12 +197,13 @@ class DecoderAdapter:
         return per
 
 
-def count_params(model: nn.Module) -> int:
-    """Total parameter count, counting tied weights once."""
+def count_params(*modules: nn.Module) -> int:
+    """Total parameter count of the modules, counting tied and shared weights once."""
     seen: set[int] = set()
     total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
+    for module in modules:
+        for p in module.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
     return total

@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from pydoc_data import topics
 
 import torch
+
+from .errors import AdaptEngineError
 
 DEFAULT_DATA = "pydoc"
 SPLITS = ("train", "heldout", "all")
@@ -19,13 +22,11 @@ HELDOUT_FRACTION = 0.10
 TEXT_FIELDS = ("text", "content", "document", "body")
 
 
-class DataError(ValueError):
+class DataError(AdaptEngineError, ValueError):
     """Raised for missing, unreadable or too-small text data."""
 
 
 def _pydoc_documents() -> list[str]:
-    from pydoc_data import topics
-
     return [topics.topics[k] for k in sorted(topics.topics)]
 
 
@@ -34,11 +35,16 @@ def _split(docs: list[str], split: str) -> list[str]:
         return docs
     cut = len(docs) - max(1, int(round(len(docs) * HELDOUT_FRACTION)))
     if len(docs) < 2:
-        raise DataError("need at least 2 documents to make a held-out split; pass split 'all' or more text")
+        raise DataError(
+            f"the data holds {len(docs)} document; separating training text from held-out text needs at least 2. "
+            f"Separate documents with a blank line (.txt) or put one JSON record per line (.jsonl)"
+        )
     return docs[:cut] if split == "train" else docs[cut:]
 
 
 def _text_of(record: dict, source: str) -> str:
+    if not isinstance(record, dict):
+        raise DataError(f"{source}: each record must be a JSON object with a text field, got {type(record).__name__}")
     for key in TEXT_FIELDS:
         if isinstance(record.get(key), str):
             return record[key]
@@ -53,7 +59,7 @@ def _file_documents(path: Path) -> list[str]:
         return [p for p in text.split("\n\n") if p.strip()] or [text]
     if suffix in (".jsonl", ".json"):
         docs = []
-        with path.open(encoding="utf-8") as fh:
+        with path.open(encoding="utf-8", errors="replace") as fh:
             for n, line in enumerate(fh, 1):
                 if line.strip():
                     try:
@@ -94,8 +100,9 @@ def load_documents(spec: str | None, split: str = "train") -> list[str]:
         path = Path(spec)
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         docs = [d for f in files for d in _file_documents(f)]
-    elif spec.endswith((".txt", ".jsonl", ".json", ".parquet")):
-        raise DataError(f"data file '{spec}' does not exist")
+    elif spec.endswith((".txt", ".jsonl", ".json", ".parquet")) or spec.startswith(("/", "./", "../", "~")) \
+            or spec.count("/") > 1:
+        raise DataError(f"data path '{spec}' does not exist (relative paths start at {Path.cwd()})")
     else:
         docs = _hub_documents(spec)
     docs = [d for d in docs if d.strip()]

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from .errors import UsageError
+
 
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, seq_len: int = 512, batch_size: int = 4,
@@ -16,12 +18,16 @@ def perplexity(model, ids: torch.Tensor, seq_len: int = 512, batch_size: int = 4
     ``tokens`` counts ``windows × (seq_len − 1)``; a trailing partial window shorter than 2 is dropped.
     """
     if seq_len < 2:
-        raise ValueError(f"--seq-len must be at least 2, got {seq_len}")
+        raise UsageError(f"--seq-len must be at least 2, got {seq_len}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_tokens is not None and max_tokens < 2:
+        raise UsageError(f"--max-tokens must be at least 2 (or omitted for all the text), got {max_tokens}")
     ids = ids.flatten()
     if max_tokens is not None:
         ids = ids[:max_tokens]
     if ids.numel() < 2:
-        raise ValueError(f"need at least 2 tokens of text to evaluate, got {ids.numel()}")
+        raise UsageError(f"need at least 2 tokens of text to evaluate, got {ids.numel()}; pass more text")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

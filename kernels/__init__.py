@@ -1,16 +1,19 @@
-"""Fused kernels for structured pruning: group saliency and in-place channel gathering.
+"""Fused kernels for structured pruning and training: group saliency, in-place channel gathering, AdamW.
 
 Importable without transformers; triton is imported only when a CUDA tensor needs it.
 Backends: Triton (CUDA), C++ built just in time (CPU), plain torch (reference / fallback).
 """
 
+from .adamw import adamw_step_reference
 from .cpu_extension import CppBuildError
-from .dispatch import backend_for, gather_channels, group_saliency
+from .dispatch import adamw_step, backend_for, gather_channels, group_saliency
 from .gather import gather_channels_reference
 from .saliency import finalize_saliency, group_saliency_reference
 
 __all__ = [
     "CppBuildError",
+    "adamw_step",
+    "adamw_step_reference",
     "backend_for",
     "finalize_saliency",
     "gather_channels",
@@ -18,4 +21,3 @@ __all__ = [
     "group_saliency",
     "group_saliency_reference",
 ]
-from .adamw import adamw_step, adamw_step_reference  # noqa: E402, F401 - fused AdamW (kernels/adamw.py)

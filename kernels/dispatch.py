@@ -4,6 +4,9 @@
 - CPU tensors: C++ kernels built just in time (kernels.cpu_extension), else — only when
   ADAPT_ENGINE_DISABLE_CPP=1 — the torch reference. A failed build raises CppBuildError.
 - Any other device: the torch reference.
+
+The AdamW step has no C++ kernel: off CUDA it is the torch reference (``optim.AdamW`` uses torch's own
+fused CPU AdamW there instead).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from functools import lru_cache
 
 import torch
 
+from .adamw import adamw_step_reference
 from .cpu_extension import load_cpu_kernels
 from .gather import gather_channels_with, gather_inplace_reference
 from .saliency import (
@@ -117,3 +121,26 @@ def gather_channels(
         if ops is not None:
             return gather_channels_with(tensors, index, dim, shrink, _gather_one, _gather_all_with(ops))
     return gather_channels_with(tensors, index, dim, shrink, _gather_one)
+
+
+def adamw_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    step: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """Multi-tensor AdamW update in place: the Triton kernel for CUDA tensors when triton is installed, else torch."""
+    fn = adamw_step_reference
+    if params and backend_for(params[0]) == "triton":
+        from .adamw_triton import adamw_step_triton
+
+        fn = adamw_step_triton
+    fn(params, grads, exp_avgs, exp_avg_sqs, step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+       weight_decay=weight_decay)

@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -74,6 +75,7 @@ def test_round_trip_restores_state_and_rngs(tmp_path, model_and_tok):
     for (name, a), b in zip(model.state_dict().items(), loaded_model.state_dict().values()):
         assert torch.equal(a, b), name
     assert not list(path.rglob("*.pt")) and not list(path.rglob("*.bin"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~fsio.current_umask()  # not mkdtemp's 0700
 
 
 @pytest.mark.parametrize("format_version", [None, 1])

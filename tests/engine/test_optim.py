@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from adapt_engine.kernels import group_saliency_reference
-from adapt_engine.kernels.adamw import triton_available
+from adapt_engine.kernels.dispatch import triton_available
 from tiny_models import make_tiny_model
 
 from adapt_engine.adapters import DecoderAdapter
