@@ -31,7 +31,7 @@ import torch
 
 from .errors import AdaptEngineError
 from .fsio import atomic_dir, atomic_write_json, recover_interrupted
-from .saving import load_pruned, save_pruned
+from .saving import load_pruned, load_pruned_tokenizer, save_pruned
 from .tensor_tree import TreeFormatError, load_tree, save_tree
 
 FORMAT_VERSION = 2  # 1: trainer.pt (a pickle; no longer read)
@@ -252,6 +252,11 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
     verify_checkpoint(path)
     model = load_pruned(path / MODEL_DIR, device=device, dtype=dtype)
     return model, load_trainer_state(path)
+
+
+def load_checkpoint_tokenizer(path: str | Path):
+    """The tokenizer saved with a checkpoint (loaded as a pruned model's: no remote code, no model-type warning)."""
+    return load_pruned_tokenizer(Path(path) / MODEL_DIR)
 
 
 def check_compatible(saved: dict, current: dict) -> None:

@@ -7,6 +7,7 @@ training, the first 90 %) and ``heldout`` (evaluation, the last 10 %) never shar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -109,6 +110,26 @@ def load_documents(spec: str | None, split: str = "train") -> list[str]:
     if not docs:
         raise DataError(f"no text found in '{spec}'")
     return _split(docs, split)
+
+
+def data_fingerprint(spec: str | None) -> str:
+    """A digest that changes when the text a data spec names changes (file names, sizes and contents).
+
+    For resume checks: the same path with edited contents gives another digest. Hub datasets are
+    identified by their name only (their revision is the hub's business).
+    """
+    spec = spec or DEFAULT_DATA
+    if spec == DEFAULT_DATA or not os.path.exists(spec):
+        return f"name:{spec}"
+    path = Path(spec)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}\0{f.stat().st_size}\0".encode())
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return "sha256:" + h.hexdigest()
 
 
 def load_text(spec: str | None, split: str = "train") -> str:

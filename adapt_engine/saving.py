@@ -231,3 +231,18 @@ def load_pruned(path: str | Path, device: str = "cpu", dtype: torch.dtype | str 
     model.to(device)
     model.eval()
     return model
+
+
+def load_pruned_tokenizer(path: str | Path):
+    """Tokenizer of a pruned output folder, without running its remote code or prompting."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    # AutoTokenizer reads config.json; our model_type is unknown to stock transformers, which it only
+    # warns about before falling back to the tokenizer files themselves.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    finally:
+        hf_logging.set_verbosity(level)

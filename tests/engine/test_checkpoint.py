@@ -181,3 +181,12 @@ def test_keep_retains_the_newest(tmp_path, model_and_tok):
         save_checkpoint(tmp_path, step, model, tok, _state(step), keep=2)
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000000002.1", "step-000000003"]
     assert latest_checkpoint(tmp_path).name == "step-000000003"
+
+
+def test_checkpoint_tokenizer_loads_without_the_model_type_warning(tmp_path, model_and_tok, capfd):
+    model, tok = model_and_tok
+    path = save_checkpoint(tmp_path, 1, model, tok, _state(1))
+    capfd.readouterr()
+    loaded = ck.load_checkpoint_tokenizer(path)
+    assert loaded("hello world")["input_ids"] == tok("hello world")["input_ids"]
+    assert "to instantiate a model of type" not in capfd.readouterr().err

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from adapt_engine.data import DataError, load_documents, load_text, sample_windows
+from adapt_engine.data import DataError, data_fingerprint, load_documents, load_text, sample_windows
 
 
 def test_default_text_splits_are_disjoint():
@@ -43,3 +43,15 @@ def test_sample_windows_and_too_little_text():
     assert all(int(r[0]) % 10 == 0 for r in w)  # aligned, non-overlapping
     with pytest.raises(DataError, match="need 220 tokens"):
         sample_windows(ids, 11, 20)
+
+
+def test_data_fingerprint_follows_contents(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("one\n\ntwo\n")
+    first = data_fingerprint(str(f))
+    assert data_fingerprint(str(f)) == first
+    f.write_text("one\n\nTWO\n")  # same size, same path, other text
+    assert data_fingerprint(str(f)) != first
+    (tmp_path / "b.txt").write_text("three")
+    assert data_fingerprint(str(tmp_path)) != data_fingerprint(str(f))
+    assert data_fingerprint(None) == data_fingerprint("pydoc")
