@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -128,3 +130,13 @@ def test_checkpoint_dir_refuses_foreign_folder_and_removes_only_ours(tmp_path):
     remove_checkpoint_dir(ours2)
     assert not ours2.exists()
     assert not (tmp_path / "ck" / MARKER).exists()
+
+
+def test_atomic_write_removes_temporaries_of_dead_writers(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    (tmp_path / f".a.json.tmp-{dead}-xyz").write_text("half")
+    live = tmp_path / f".a.json.tmp-{os.getpid()}-abc"  # a write in progress in a live process stays
+    live.write_text("busy")
+    fsio.atomic_write_json(tmp_path / "a.json", {"x": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "a.json"]
