@@ -225,6 +225,8 @@ def verify_checkpoint(path: str | Path) -> dict:
             f"{FORMAT_VERSION}; resume it with the adapt-engine version that wrote it"
         )
     for rel, digest in meta["files"].items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise CheckpointError(f"{meta_path} lists '{rel}', outside the checkpoint; the checkpoint was edited")
         f = path / rel
         if not f.is_file():
             raise CheckpointError(f"checkpoint file {f} is missing; the checkpoint is damaged")

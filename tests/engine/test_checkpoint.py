@@ -190,3 +190,13 @@ def test_checkpoint_tokenizer_loads_without_the_model_type_warning(tmp_path, mod
     loaded = ck.load_checkpoint_tokenizer(path)
     assert loaded("hello world")["input_ids"] == tok("hello world")["input_ids"]
     assert "to instantiate a model of type" not in capfd.readouterr().err
+
+
+def test_index_naming_files_outside_the_checkpoint_is_refused(tmp_path, model_and_tok):
+    model, tok = model_and_tok
+    path = save_checkpoint(tmp_path / "ck", 1, model, tok, _state(1))
+    meta = json.loads((path / "meta.json").read_text())
+    meta["files"]["../../outside"] = "0" * 64
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="outside the checkpoint"):
+        verify_checkpoint(path)

@@ -79,7 +79,7 @@ def test_stock_loading_without_remote_code_fails_loudly(tmp_path, tiny_tokenizer
 
 
 def test_overwrite_is_atomic_and_keeps_the_old_model_on_failure(tmp_path, tiny_tokenizer, monkeypatch):
-    out = save_pruned(_pruned(), tiny_tokenizer, tmp_path / "m")
+    out = save_pruned(make_tiny_model("llama", layers=3), tiny_tokenizer, tmp_path / "m")
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~fsio.current_umask()  # not mkdtemp's 0700
     before = (out / "config.json").read_text()
 
@@ -105,7 +105,7 @@ def test_leftovers_of_a_killed_save_are_removed(tmp_path, tiny_tokenizer):
     leftover = tmp_path / f".m.tmp-{dead}-abc123"
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"half")
-    save_pruned(_pruned(), tiny_tokenizer, tmp_path / "m")
+    save_pruned(make_tiny_model("llama", layers=3), tiny_tokenizer, tmp_path / "m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
@@ -114,6 +114,6 @@ def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path, tiny_tokenizer):
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
     with pytest.raises(PrunedModelError, match="did not write") as info:
-        save_pruned(_pruned(), tiny_tokenizer, mine)
+        save_pruned(make_tiny_model("llama", layers=3), tiny_tokenizer, mine)
     assert isinstance(info.value, AdaptEngineError)
     assert (mine / "thesis.tex").read_text() == "years of work"
