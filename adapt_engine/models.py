@@ -56,10 +56,11 @@ def _is_pruned_dir(path: Path) -> bool:
     return isinstance(model_type, str) and model_type.startswith("adapt_pruned_")
 
 
-def resolve_spec(spec: str | None) -> Path | str:
+def resolve_spec(spec: str | Path | None) -> Path | str:
     """The local path a model spec names, or the hub id; a clear error for a path that does not exist."""
     if spec is None:
         return default_model_path()
+    spec = str(spec)
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_file() and path.suffix.lower() != ".gguf":

@@ -16,7 +16,7 @@ from tiny_models import make_tiny_model
 from adapt_engine.data import DataError, load_documents
 from adapt_engine.errors import AdaptEngineError
 from adapt_engine.model_files import ModelLoadError, read_gguf
-from adapt_engine.models import estimate_model_bytes, load_model
+from adapt_engine.models import estimate_model_bytes, load_model, resolve_spec
 from adapt_engine.saving import PrunedModelError, save_pruned
 
 
@@ -209,3 +209,9 @@ def test_pruned_config_widths_are_checked(tmp_path, tiny_tokenizer):
                layer_num_key_value_heads=[2] * 3)
     (out / "config.json").write_text(json.dumps(cfg))
     _fails(out, "declares 3 decoder layers but the weights hold 2", PrunedModelError)
+
+
+def test_resolve_spec_takes_paths_and_hub_ids(tmp_path, model_dir):
+    assert resolve_spec(model_dir) == model_dir and resolve_spec("org/name") == "org/name"
+    with pytest.raises(ModelLoadError, match="no such file"):
+        resolve_spec(tmp_path / "missing" / "deeper")
