@@ -209,7 +209,7 @@ def verify_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path} has no {META}: the checkpoint is incomplete; start over without --resume")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise CheckpointError(f"{meta_path} is corrupt ({err}); start over without --resume") from err
     if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
         raise CheckpointError(f"{meta_path} is not a checkpoint index; start over without --resume")

@@ -166,7 +166,7 @@ def load_tree(stem: str | Path) -> Any:
     tensors_path = stem.with_name(stem.name + ".safetensors")
     try:
         doc = json.loads(json_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise TreeFormatError(f"{json_path} cannot be read ({err})") from err
     if not isinstance(doc, dict) or doc.get("format") != TREE_FORMAT or "tree" not in doc:
         raise TreeFormatError(f"{json_path} is not a state tree of format {TREE_FORMAT}")
@@ -174,4 +174,7 @@ def load_tree(stem: str | Path) -> Any:
         tensors = load_file(str(tensors_path), device="cpu")
     except (OSError, SafetensorError) as err:
         raise TreeFormatError(f"{tensors_path} cannot be read ({err})") from err
-    return _Reader(tensors).decode(doc["tree"])
+    try:
+        return _Reader(tensors).decode(doc["tree"])
+    except RecursionError as err:  # a forged tree nested deeper than any state we write
+        raise TreeFormatError(f"{json_path} is nested too deeply to be a saved state") from err

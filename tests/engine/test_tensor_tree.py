@@ -103,3 +103,11 @@ def test_truncated_tensor_file_is_a_clear_error(tmp_path):
     f.write_bytes(f.read_bytes()[:-50])
     with pytest.raises(TreeFormatError, match="cannot be read"):
         load_tree(tmp_path / "s")
+
+
+def test_deeply_nested_forgery_is_a_clear_error(tmp_path):
+    save_tree({"ok": 1}, tmp_path / "s")
+    deep = '{"list": [' * 100_000 + "1" + "]}" * 100_000
+    (tmp_path / "s.json").write_text('{"format": 1, "tree": ' + deep + "}")
+    with pytest.raises(TreeFormatError):
+        load_tree(tmp_path / "s")
