@@ -99,8 +99,14 @@ def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.
         return load_pruned(where, device=device, dtype=torch_dtype), load_pruned_tokenizer(where)
     if isinstance(where, Path) and where.is_file():
         read_gguf(where)  # a truncated or malformed file fails here, with its name, not deep in transformers
-        tok = AutoTokenizer.from_pretrained(str(where.parent), gguf_file=where.name)
-        model = AutoModelForCausalLM.from_pretrained(str(where.parent), gguf_file=where.name, dtype=torch_dtype)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(where.parent), gguf_file=where.name)
+            model = AutoModelForCausalLM.from_pretrained(str(where.parent), gguf_file=where.name, dtype=torch_dtype)
+        except (ValueError, NotImplementedError) as err:  # transformers' word for an architecture or quant it lacks
+            raise ModelLoadError(
+                f"transformers cannot load {where}: {err}. Use a GGUF of a supported family (Llama, Qwen2/3, "
+                f"Mistral, Gemma, ...) in a common quantization, or a transformers model folder"
+            ) from err
         _strip_gguf_quantization(model)
     elif isinstance(where, Path):
         check_model_folder(where)

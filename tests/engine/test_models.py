@@ -215,3 +215,8 @@ def test_resolve_spec_takes_paths_and_hub_ids(tmp_path, model_dir):
     assert resolve_spec(model_dir) == model_dir and resolve_spec("org/name") == "org/name"
     with pytest.raises(ModelLoadError, match="no such file"):
         resolve_spec(tmp_path / "missing" / "deeper")
+
+
+def test_gguf_transformers_cannot_read_is_a_clear_error(tmp_path):
+    path = _tiny_gguf(tmp_path / "m.gguf")  # a valid GGUF file without a tokenizer or a known layout
+    _fails(path, "transformers cannot load")
