@@ -109,9 +109,7 @@ def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.
             ) from err
         _strip_gguf_quantization(model)
     elif isinstance(where, Path):
-        check_model_folder(where)
-        tok = AutoTokenizer.from_pretrained(str(where))
-        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch_dtype)
+        tok, model = _load_folder(where, torch_dtype)
     else:
         try:
             tok = AutoTokenizer.from_pretrained(where)
@@ -125,6 +123,42 @@ def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.
     model.to(device)
     model.eval()
     return model, tok
+
+
+def _load_folder(folder: Path, torch_dtype: torch.dtype):
+    """(tokenizer, model) of a transformers model folder, checked file by file before the model is built."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    summary = check_model_folder(folder)
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (ValueError, TypeError, StrictDataclassError) as err:  # unknown model_type, bad field values
+        raise ModelLoadError(f"{folder}/config.json is not a config transformers can build: {err}") from err
+    if summary is not None:
+        _check_shapes(folder, config, summary.shapes)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except (ValueError, OSError) as err:  # a damaged tokenizer.json arrives as a JSONDecodeError
+        raise ModelLoadError(f"the tokenizer files in {folder} cannot be read ({err}); copy the model's tokenizer "
+                             f"files again") from err
+    return tok, AutoModelForCausalLM.from_pretrained(str(folder), config=config, dtype=torch_dtype)
+
+
+def _check_shapes(folder: Path, config, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Weights whose shape differs from what config.json builds: a clear error instead of transformers' report."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except ValueError as err:  # a config of a model that is no causal LM (an encoder, a vision model)
+        raise ModelLoadError(f"{folder} does not hold a causal language model: {err}") from err
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    for key, shape in shapes.items():
+        if key in expected and expected[key] != shape:
+            raise ModelLoadError(f"{folder}: weight '{key}' has shape {shape} but config.json implies "
+                                 f"{expected[key]}; the config and the weights belong to different models")
 
 
 def estimate_model_bytes(spec: str | None, dtype: str | torch.dtype | None = None) -> int | None:

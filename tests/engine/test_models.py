@@ -220,3 +220,20 @@ def test_resolve_spec_takes_paths_and_hub_ids(tmp_path, model_dir):
 def test_gguf_transformers_cannot_read_is_a_clear_error(tmp_path):
     path = _tiny_gguf(tmp_path / "m.gguf")  # a valid GGUF file without a tokenizer or a known layout
     _fails(path, "transformers cannot load")
+
+
+@pytest.mark.parametrize("edit,match", [
+    ({"model_type": "frobnicator"}, "not a config transformers can build"),
+    ({"hidden_size": "abc"}, "not a config transformers can build"),
+    ({"hidden_size": 96}, "belong to different models"),
+])
+def test_damaged_config_of_a_plain_folder_is_named(model_dir, edit, match):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg.update(edit)
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    _fails(model_dir, match)
+
+
+def test_damaged_tokenizer_is_named(model_dir):
+    (model_dir / "tokenizer.json").write_text("{garbage")
+    _fails(model_dir, "tokenizer files .* cannot be read")
