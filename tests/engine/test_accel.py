@@ -64,7 +64,7 @@ def test_split_counts_is_exact(total, n):
 
 def test_data_plan_draws_without_replacement():
     ids = torch.arange(1000)
-    cfg = AccelConfig(output="x", sparsity=0.5, interleaves=4, train_tokens=400, seq_len=10, seed=3)
+    cfg = AccelConfig.from_flat(output="x", sparsity=0.5, interleaves=4, train_tokens=400, seq_len=10, seed=3)
     plan = plan_data(ids, cfg)
     firsts = plan.windows[:, 0].tolist()
     assert len(firsts) == 40 and len(set(firsts)) == 40  # distinct windows
@@ -72,7 +72,7 @@ def test_data_plan_draws_without_replacement():
     assert [b - a for a, b in plan.bounds] == [4, 8, 12, 16]
     assert sorted(firsts) != firsts  # random order
     with pytest.raises(ValueError, match="needs 200 windows"):
-        plan_data(ids, AccelConfig(output="x", sparsity=0.5, train_tokens=2000, seq_len=10))
+        plan_data(ids, AccelConfig.from_flat(output="x", sparsity=0.5, train_tokens=2000, seq_len=10))
 
 
 @pytest.mark.parametrize("n,world", [(8, 2), (7, 2), (3, 4), (1, 2), (128, 3)])
@@ -91,9 +91,9 @@ def _cfg(model_dir, out, **kw) -> AccelConfig:
     # 48 windows of 16 tokens over 3 phases: 8 / 16 / 24 windows, 1 + 2 + 3 optimizer steps of 8 sequences.
     base = dict(output=str(out), model=str(model_dir), sparsity=0.4, interleaves=3, train_tokens=48 * 16,
                 seq_len=16, global_batch=8, micro_batch=4, lr=2e-3, min_lr=2e-4, calib_samples=8, calib_seq_len=16,
-                calib_batch_size=4, val_tokens=256, prune_steps=1, seed=0)
+                calib_batch_size=4, val_tokens=256, prune_steps=1, seed=0, no_bench=True)
     base.update(kw)
-    return AccelConfig(**base)
+    return AccelConfig.from_flat(**base)
 
 
 def _assert_same_weights(a, b):
@@ -270,7 +270,7 @@ def test_cli_arguments_map_onto_config():
     with pytest.raises(ValueError, match="exactly one"):
         AccelConfig(output="o").validate()
     with pytest.raises(ValueError, match="--saliency train"):
-        AccelConfig(output="o", sparsity=0.5, saliency="train", importance="magnitude").validate()
+        AccelConfig.from_flat(output="o", sparsity=0.5, saliency="train", importance="magnitude").validate()
 
 
 # ---------------------------------------------------------------------------------------------------------
