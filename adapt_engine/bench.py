@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import importlib.util
 import os
 import platform
 import re
@@ -27,11 +28,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from . import settings as flags
-from .adapters import UnsupportedModelError
+from .adapters import UnsupportedModelError, base_model_type
 from .errors import AdaptEngineError, OutputPathError, UsageError
 from .flops import (
     ModelShape,
@@ -90,8 +92,6 @@ def choose_attention(requested: str, device: torch.device, dtype: torch.dtype) -
 
 
 def _flash_attn_installed() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("flash_attn") is not None
 
 
@@ -181,8 +181,6 @@ def _cpu_name() -> str:
 
 
 def _family(model: nn.Module) -> str:
-    from .adapters import base_model_type
-
     return base_model_type(model.config) or type(model).__name__
 
 
@@ -440,8 +438,6 @@ def time_generate(model: nn.Module, input_ids: torch.Tensor, new_tokens: int,
 
 
 def _stats(samples: Sequence[float]) -> dict:
-    import numpy as np
-
     values = np.asarray(samples, dtype=float)
     return {
         "median": float(np.median(values)),
@@ -622,16 +618,7 @@ def benchmark_models(
     device, dtype = devices.pop(), dtypes.pop()
     shapes = {name: _shape_or_error(m, name) for name, m in models.items()}
     if check_inputs:
-        for name, model in models.items():
-            if name != baseline:
-                check_pruned_version(models[baseline], model, name)
-            for prompt in prompt_lens:
-                _check_positions(model, name, prompt, new_tokens)
-        if tokenizer is not None and len(tokenizer) > shapes[baseline].vocab_size:
-            raise BenchInputError(
-                f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
-                f"{shapes[baseline].vocab_size}; pass the tokenizer that belongs to the model"
-            )
+        _check_models(models, tokenizer, shapes, baseline, prompt_lens, new_tokens)
     if attention is not None:
         for model in models.values():
             _set_attention(model, attention, attention_fallback)
@@ -651,17 +638,7 @@ def benchmark_models(
                 "decode": "mean time per token over the following new_tokens - 1 cached steps"},
     )
     for name, model in models.items():
-        shape = shapes[name]
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        result.models[name] = {
-            "params": shape.params,
-            "embedding_params": shape.embedding_params,
-            "weights_bytes": weights,
-            "linear_gflops_per_token": shape.linear_flops_per_token / 1e9,
-            "lm_head_gflops_per_token": shape.head_flops_per_token / 1e9,
-            "layers": [{"linears": {k: list(v) for k, v in layer.linears.items()},
-                        "query_heads": layer.num_heads} for layer in shape.layers],
-        }
+        result.models[name] = _model_summary(model, shapes[name])
 
     clock = _Clock(device)
     if measure_memory:
@@ -680,6 +657,34 @@ def benchmark_models(
         for name, model in models.items():
             model.train(was_training[name])
     return result
+
+
+def _check_models(models: Mapping[str, nn.Module], tokenizer, shapes: Mapping[str, ModelShape], baseline: str,
+                  prompt_lens: Sequence[int], new_tokens: int) -> None:
+    """Every model is a pruned version of the baseline, fits the prompt positions, and suits the tokenizer."""
+    for name, model in models.items():
+        if name != baseline:
+            check_pruned_version(models[baseline], model, name)
+        for prompt in prompt_lens:
+            _check_positions(model, name, prompt, new_tokens)
+    if tokenizer is not None and len(tokenizer) > shapes[baseline].vocab_size:
+        raise BenchInputError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
+            f"{shapes[baseline].vocab_size}; pass the tokenizer that belongs to the model"
+        )
+
+
+def _model_summary(model: nn.Module, shape: ModelShape) -> dict:
+    """Size, weight bytes, FLOPs per token and per-layer linear shapes of one benchmarked model."""
+    return {
+        "params": shape.params,
+        "embedding_params": shape.embedding_params,
+        "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "linear_gflops_per_token": shape.linear_flops_per_token / 1e9,
+        "lm_head_gflops_per_token": shape.head_flops_per_token / 1e9,
+        "layers": [{"linears": {k: list(v) for k, v in layer.linears.items()},
+                    "query_heads": layer.num_heads} for layer in shape.layers],
+    }
 
 
 def _touch_weights(model: nn.Module) -> None:
