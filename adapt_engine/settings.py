@@ -264,14 +264,31 @@ def check_bounds(obj) -> None:
             raise UsageError(f"{flag} must be {_bound_text(spec)}, got {value}. {spec.help}")
 
 
-class NestedAccess:
-    """Read access to nested settings by their flat name (``cfg.amplitude`` for ``cfg.prune.amplitude``), and
-    construction from flat names (``AccelConfig.from_flat(output=..., amplitude=0.03)``)."""
+class CommandSettings:
+    """Base of a command's settings: nested groups readable by their flat names (``cfg.amplitude`` for
+    ``cfg.prune.amplitude``), construction from flat names (``AccelConfig.from_flat(output=..., amplitude=0.03)``),
+    nested groups given as dicts (from ``asdict`` or JSON) turned back into dataclasses, and validation group by
+    group. Subclasses add checks between fields by extending :meth:`validate`."""
 
     @classmethod
     def from_flat(cls, **values):
         """Build from flat setting names (each routed to the nested settings that declares it)."""
         return from_flat(cls, **values)
+
+    def __post_init__(self) -> None:
+        for f, sub, _ in _children(type(self)):
+            value = getattr(self, f.name)
+            if sub is not None and isinstance(value, dict):
+                setattr(self, f.name, sub(**value))
+
+    def validate(self) -> None:
+        """UsageError naming the flag for any value that cannot work: each nested group's own ``validate``,
+        then every declared bound and choice."""
+        for f, sub, _ in _children(type(self)):
+            check = getattr(getattr(self, f.name), "validate", None) if sub is not None else None
+            if check is not None:
+                check()
+        check_bounds(self)
 
     def __getattr__(self, name: str):
         if name.startswith("__"):
@@ -281,11 +298,3 @@ class NestedAccess:
             if sub is not None and is_dataclass(value) and name in flat_names(sub, sub_exclude):
                 return getattr(value, name)
         raise AttributeError(f"{type(self).__name__} has no setting '{name}'")
-
-    def _nest_dicts(self) -> None:
-        """Turn nested settings given as dicts (e.g. from ``asdict`` or JSON) into their dataclasses."""
-        for f in fields(self):
-            sub = _nested_class(type(self), f)
-            value = getattr(self, f.name)
-            if sub is not None and isinstance(value, dict):
-                setattr(self, f.name, sub(**value))

@@ -13,7 +13,7 @@ from adapt_engine.commands import PruneRunSettings
 from adapt_engine.errors import UsageError
 from adapt_engine.pruner import PruneSettings
 from adapt_engine.settings import (
-    NestedAccess,
+    CommandSettings,
     add_flags,
     check_bounds,
     flat_dict,
@@ -81,7 +81,7 @@ class Knobs(PruneSettings):
 
 
 @dataclass
-class Command(NestedAccess):
+class Command(CommandSettings):
     """A command that nests the settings."""
 
     prune: Knobs = nested(Knobs)
