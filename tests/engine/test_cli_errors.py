@@ -139,3 +139,13 @@ def test_bench_bad_device_and_dtype(capsys, no_loading):
     assert "no CUDA GPU" in capsys.readouterr().err
     assert main(["bench", "--compare", "p", "--device", "cpu", "--dtype", "int4"]) == 2
     assert "--dtype must be one of" in capsys.readouterr().err
+
+
+def test_leftovers_of_a_killed_save_are_removed_before_the_next_run(tmp_path, tiny_model_dir, no_loading):
+    out = tmp_path / "pruned"
+    dead = tmp_path / ".pruned.tmp-999999999-abc"  # the pid of no living process
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"half")
+    with pytest.raises(AssertionError, match="a model was loaded"):  # passed every check, then tried to load
+        main(prune_argv(tiny_model_dir, out))
+    assert not dead.exists()
