@@ -530,8 +530,10 @@ def _diverged(run: AccelRun, state: AccelState, err: TrainingDivergedError, lr: 
         f"stopping. {where}. Lower --lr or --max-grad-norm, or check the data")
 
 
-def train_one_step(run: AccelRun, state: AccelState, session: Session, windows: torch.Tensor, params: int) -> dict:
-    """One optimizer step of the phase's next global batch; returns (and logs) its metrics record."""
+def train_one_step(run: AccelRun, state: AccelState, session: Session, windows: torch.Tensor,
+                   params: int) -> tuple[dict, int]:
+    """One optimizer step of the phase's next global batch; returns (and logs) its metrics record, and the
+    tokens it trained on."""
     cfg, pos = run.cfg, state.position
     s = pos["step_in_phase"]
     batch = windows[s * cfg.global_batch:(s + 1) * cfg.global_batch]
@@ -550,7 +552,7 @@ def train_one_step(run: AccelRun, state: AccelState, session: Session, windows: 
            "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"], "tokens_per_s": out["tokens"] / dt,
            "params": params}
     run.metrics.write(rec)
-    return {**rec, "step_tokens": out["tokens"], "seconds": dt}
+    return rec, out["tokens"]
 
 
 def train_phase(run: AccelRun, state: AccelState, on_step: Callable[[dict], None] | None) -> int:
@@ -566,11 +568,10 @@ def train_phase(run: AccelRun, state: AccelState, on_step: Callable[[dict], None
     params = count_params(state.model)
     try:
         while pos["step_in_phase"] < n_steps:
-            rec = train_one_step(run, state, session, windows, params)
-            bar.update(rec.pop("step_tokens"))
+            rec, step_tokens = train_one_step(run, state, session, windows, params)
+            bar.update(step_tokens)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}",
                             tok_s=f"{rec['tokens_per_s']:,.0f}", params=f"{params / 1e6:.2f}M")
-            rec.pop("seconds")
             every = cfg.checkpoint_every
             if every and pos["global_step"] % every == 0 and pos["step_in_phase"] < n_steps:
                 sync_back(session, state.model, state.optimizer)
