@@ -17,11 +17,12 @@ def prune_argv(model_dir: Path, out: Path) -> list[str]:
 
 
 def accel_argv(model_dir: Path, out: Path) -> list[str]:
-    """`adapt-engine accel` on the tiny model: 2 phases, 3 optimizer steps."""
+    """`adapt-engine accel` on the tiny model: 2 phases, 3 optimizer steps (the fixture was captured before
+    accel had --no-bench, when it never benched)."""
     return ["accel", "--model", str(model_dir), "--output", str(out), "--sparsity", "0.4", "--interleaves", "2",
             "--train-tokens", str(24 * 16), "--seq-len", "16", "--global-batch", "8", "--micro-batch", "4",
             "--lr", "2e-3", "--min-lr", "2e-4", "--calib-samples", "8", "--calib-seq-len", "16",
-            "--calib-batch-size", "4", "--val-tokens", "128", "--prune-steps", "1", "--no-checkpoints"]
+            "--calib-batch-size", "4", "--val-tokens", "128", "--prune-steps", "1", "--no-checkpoints", "--no-bench"]
 
 
 def stable(report: dict) -> dict:
