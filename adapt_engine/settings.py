@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import typing
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -68,6 +69,7 @@ def spec_of(f: dataclasses.Field) -> Spec:
         raise TypeError(f"settings field '{f.name}' was not declared with setting()") from None
 
 
+@functools.cache
 def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
@@ -177,12 +179,13 @@ def _children(cls, exclude: tuple[str, ...] = ()) -> Iterator[tuple[dataclasses.
         yield f, sub, (spec_of(f).exclude if sub is not None and _KEY in f.metadata else ())
 
 
-def flat_names(cls, exclude: tuple[str, ...] = ()) -> set[str]:
+@functools.cache
+def flat_names(cls, exclude: tuple[str, ...] = ()) -> frozenset[str]:
     """Names of every settable field of ``cls`` and its nested settings (excluded fields left out)."""
     names: set[str] = set()
     for f, sub, sub_exclude in _children(cls, exclude):
         names |= flat_names(sub, sub_exclude) if sub is not None else {f.name}
-    return names
+    return frozenset(names)
 
 
 def from_flat(cls, **values):
