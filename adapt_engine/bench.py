@@ -18,20 +18,23 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
+import importlib.util
 import os
 import platform
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from . import settings as flags
+from .adapters import UnsupportedModelError, base_model_type
+from .errors import AdaptEngineError, OutputPathError, UsageError
 from .flops import (
     ModelShape,
     UnsupportedShapeError,
@@ -41,6 +44,10 @@ from .flops import (
     model_shape,
     prefill_flops,
 )
+from .fsio import atomic_write, atomic_write_json, preflight_output
+from .models import ModelLoadError, load_model, parse_dtype
+from .options import DEFAULT_MODEL_NAME, check_dtype, resolve_device
+from .settings import add_flags, check_bounds, from_args
 
 DEFAULT_BATCH_SIZES = (1, 8)
 DEFAULT_PROMPT_LENS = (128, 512)
@@ -60,28 +67,13 @@ JSON_NAME = "bench.json"
 CHART_NAME = "bench_speedup.png"
 
 
-class BenchInputError(ValueError):
+class BenchInputError(UsageError):
     """Bad benchmark input; the message names the problem and the fix."""
 
 
 # ----------------------------------------------------------------------------------------------------
 # Environment
 # ----------------------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` becomes ``cuda`` when a GPU is visible, else ``cpu``; anything else is checked."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise BenchInputError(f"--device '{name}' is not a torch device; use cpu, cuda or cuda:N") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchInputError(f"--device {name} requested but no CUDA GPU is visible; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise BenchInputError(f"--device {name}: only cpu and cuda are supported")
-    return device
 
 
 def choose_attention(requested: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -100,8 +92,6 @@ def choose_attention(requested: str, device: torch.device, dtype: torch.dtype) -
 
 
 def _flash_attn_installed() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("flash_attn") is not None
 
 
@@ -191,8 +181,6 @@ def _cpu_name() -> str:
 
 
 def _family(model: nn.Module) -> str:
-    from .adapters import base_model_type
-
     return base_model_type(model.config) or type(model).__name__
 
 
@@ -450,8 +438,6 @@ def time_generate(model: nn.Module, input_ids: torch.Tensor, new_tokens: int,
 
 
 def _stats(samples: Sequence[float]) -> dict:
-    import numpy as np
-
     values = np.asarray(samples, dtype=float)
     return {
         "median": float(np.median(values)),
@@ -526,8 +512,7 @@ class BenchResult:
 
     def write_json(self, path: str | os.PathLike) -> Path:
         """Write the result as JSON, atomically (temp file in the same folder, then rename)."""
-        text = json.dumps(self.to_dict(), indent=2)
-        return _atomic_write(Path(path), lambda fh: fh.write(text.encode()))
+        return atomic_write_json(path, self.to_dict())
 
     def write_chart(self, path: str | os.PathLike) -> Path:
         """PNG bar chart of measured speedup against the ideal FLOP ratio, per setting (atomic write)."""
@@ -564,7 +549,7 @@ class BenchResult:
         fig.suptitle(f"{env['device']} (torch threads={env['torch_threads']}), {env['dtype']}, attention "
                      f"{env['attention']}, {self.config['new_tokens']} new tokens")
         fig.tight_layout()
-        return _atomic_write(Path(path), lambda fh: fig.savefig(fh, format="png", dpi=110))
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 def _fmt_stats(stats: dict) -> str:
@@ -585,19 +570,6 @@ def _align(rows: list[list[str]]) -> list[str]:
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     return out
-
-
-def _atomic_write(path: Path, write: Callable) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -646,16 +618,7 @@ def benchmark_models(
     device, dtype = devices.pop(), dtypes.pop()
     shapes = {name: _shape_or_error(m, name) for name, m in models.items()}
     if check_inputs:
-        for name, model in models.items():
-            if name != baseline:
-                check_pruned_version(models[baseline], model, name)
-            for prompt in prompt_lens:
-                _check_positions(model, name, prompt, new_tokens)
-        if tokenizer is not None and len(tokenizer) > shapes[baseline].vocab_size:
-            raise BenchInputError(
-                f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
-                f"{shapes[baseline].vocab_size}; pass the tokenizer that belongs to the model"
-            )
+        _check_models(models, tokenizer, shapes, baseline, prompt_lens, new_tokens)
     if attention is not None:
         for model in models.values():
             _set_attention(model, attention, attention_fallback)
@@ -675,17 +638,7 @@ def benchmark_models(
                 "decode": "mean time per token over the following new_tokens - 1 cached steps"},
     )
     for name, model in models.items():
-        shape = shapes[name]
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        result.models[name] = {
-            "params": shape.params,
-            "embedding_params": shape.embedding_params,
-            "weights_bytes": weights,
-            "linear_gflops_per_token": shape.linear_flops_per_token / 1e9,
-            "lm_head_gflops_per_token": shape.head_flops_per_token / 1e9,
-            "layers": [{"linears": {k: list(v) for k, v in layer.linears.items()},
-                        "query_heads": layer.num_heads} for layer in shape.layers],
-        }
+        result.models[name] = _model_summary(model, shapes[name])
 
     clock = _Clock(device)
     if measure_memory:
@@ -704,6 +657,34 @@ def benchmark_models(
         for name, model in models.items():
             model.train(was_training[name])
     return result
+
+
+def _check_models(models: Mapping[str, nn.Module], tokenizer, shapes: Mapping[str, ModelShape], baseline: str,
+                  prompt_lens: Sequence[int], new_tokens: int) -> None:
+    """Every model is a pruned version of the baseline, fits the prompt positions, and suits the tokenizer."""
+    for name, model in models.items():
+        if name != baseline:
+            check_pruned_version(models[baseline], model, name)
+        for prompt in prompt_lens:
+            _check_positions(model, name, prompt, new_tokens)
+    if tokenizer is not None and len(tokenizer) > shapes[baseline].vocab_size:
+        raise BenchInputError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has "
+            f"{shapes[baseline].vocab_size}; pass the tokenizer that belongs to the model"
+        )
+
+
+def _model_summary(model: nn.Module, shape: ModelShape) -> dict:
+    """Size, weight bytes, FLOPs per token and per-layer linear shapes of one benchmarked model."""
+    return {
+        "params": shape.params,
+        "embedding_params": shape.embedding_params,
+        "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "linear_gflops_per_token": shape.linear_flops_per_token / 1e9,
+        "lm_head_gflops_per_token": shape.head_flops_per_token / 1e9,
+        "layers": [{"linears": {k: list(v) for k, v in layer.linears.items()},
+                    "query_heads": layer.num_heads} for layer in shape.layers],
+    }
 
 
 def _touch_weights(model: nn.Module) -> None:
@@ -882,40 +863,59 @@ def _positive_int(text: str) -> int:
     return value
 
 
+@dataclass
+class BenchSettings:
+    """Everything `adapt-engine bench` can be told."""
+
+    compare: list[str] = flags.setting(nargs="+", required=True, metavar="PRUNED",
+                                 help="one or more pruned versions of --model to compare against it")
+    model: str | None = flags.setting(None, help="dense model: directory, .gguf file or hub id "
+                                "(default: built-in SmolLM2-135M-Instruct)")
+    batch_sizes: list[int] = flags.setting(default_factory=lambda: list(DEFAULT_BATCH_SIZES), type=_int_list,
+                                     help="comma-separated batch sizes (default: 1,8)")
+    prompt_lens: list[int] = flags.setting(default_factory=lambda: list(DEFAULT_PROMPT_LENS), type=_int_list,
+                                     help="comma-separated prompt lengths in tokens (default: 128,512)")
+    new_tokens: int = flags.setting(DEFAULT_NEW_TOKENS, type=_positive_int, minimum=2,
+                              help="tokens generated per run; decode is timed over all but the first (default: 64)")
+    repeats: int = flags.setting(DEFAULT_REPEATS, type=_positive_int,
+                           help="timed rounds, each running every model once (default: 5)")
+    warmup: int = flags.setting(DEFAULT_WARMUP, minimum=0, help="untimed warm-up rounds per setting (default: 1)")
+    device: str = flags.setting("auto", help="cpu, cuda or cuda:N (default: cuda if available)")
+    dtype: str = flags.setting("float32", help="float32, bfloat16 or float16 (default: float32)")
+    attn: str = flags.setting("auto", choices=ATTENTION_CHOICES,
+                        help="attention implementation (default auto: flash_attention_2 on a GPU when flash-attn is "
+                        "installed and the dtype is 16-bit, else sdpa; eager for a family without either, e.g. "
+                        "Gemma 2)")
+    output: str = flags.setting("bench-output", metavar="DIR",
+                          help=f"folder for {JSON_NAME} and {CHART_NAME} (default: bench-output)")
+    threads: int | None = flags.setting(None, type=_positive_int,
+                                  help="torch CPU threads (default: torch's choice; stated in the output either way)")
+    seed: int = flags.setting(0, help="seed of the random prompt token ids")
+
+    def validate(self) -> None:
+        """UsageError for values that cannot work, before any model is loaded."""
+        resolve_device(self.device)
+        check_dtype(self.dtype)
+        check_bounds(self)
+        _check_sizes(self.batch_sizes, self.prompt_lens, self.new_tokens, self.repeats, self.warmup)
+
+
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``bench`` options to a (sub)parser."""
-    parser.add_argument("--model", default=None,
-                        help="dense model: directory, .gguf file or hub id "
-                             "(default: built-in SmolLM2-135M-Instruct)")
-    parser.add_argument("--compare", nargs="+", required=True, metavar="PRUNED",
-                        help="one or more pruned versions of --model to compare against it")
-    parser.add_argument("--batch-sizes", type=_int_list, default=list(DEFAULT_BATCH_SIZES),
-                        help="comma-separated batch sizes (default: 1,8)")
-    parser.add_argument("--prompt-lens", type=_int_list, default=list(DEFAULT_PROMPT_LENS),
-                        help="comma-separated prompt lengths in tokens (default: 128,512)")
-    parser.add_argument("--new-tokens", type=_positive_int, default=DEFAULT_NEW_TOKENS,
-                        help="tokens generated per run; decode is timed over all but the first (default: 64)")
-    parser.add_argument("--repeats", type=_positive_int, default=DEFAULT_REPEATS,
-                        help="timed rounds, each running every model once (default: 5)")
-    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
-                        help="untimed warm-up rounds per setting (default: 1)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)")
-    parser.add_argument("--attn", default="auto", choices=ATTENTION_CHOICES,
-                        help="attention implementation (default auto: flash_attention_2 on a GPU when "
-                             "flash-attn is installed and the dtype is 16-bit, else sdpa; eager for a family "
-                             "without either, e.g. Gemma 2)")
-    parser.add_argument("--output", default="bench-output", metavar="DIR",
-                        help=f"folder for {JSON_NAME} and {CHART_NAME} (default: bench-output)")
-    parser.add_argument("--threads", type=_positive_int, default=None,
-                        help="torch CPU threads (default: torch's choice; stated in the output either way)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random prompt token ids")
+    """Add the ``bench`` options to a (sub)parser (generated from :class:`BenchSettings`)."""
+    add_flags(parser, BenchSettings)
+
+
+def check_bench_output(path: str | Path) -> Path:
+    """Before loading: the --output folder (which receives two files; other files in it stay) can be written."""
+    out = Path(path).expanduser().absolute()
+    if out.is_dir() and any(out.iterdir()):
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise OutputPathError(f"--output '{path}' is not writable; choose a writable folder")
+        return out
+    return preflight_output(out)
 
 
 def _load(spec: str | None, device: str, dtype: str):
-    # Imported here: models.py pulls in transformers, which `adapt-engine --help` should not pay for.
-    from .models import load_model
-
     return load_model(spec, device=device, dtype=dtype)
 
 
@@ -930,43 +930,45 @@ def _unique_names(specs: Sequence[str]) -> list[str]:
     return names
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    """Run ``adapt-engine bench``: load, check, measure interleaved, print the table, write JSON and PNG."""
-    from .adapters import UnsupportedModelError
-    from .models import ModelLoadError, parse_dtype
+def _measure(cfg: BenchSettings, log: Callable[[str], None]) -> tuple[BenchResult, dict]:
+    """Load the dense and pruned models, check they belong together, and run the interleaved benchmark."""
+    device = resolve_device(cfg.device)
+    attention = choose_attention(cfg.attn, device, parse_dtype(cfg.dtype))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    log(f"loading dense model {cfg.model or DEFAULT_MODEL_NAME}")
+    dense, tokenizer = _load(cfg.model, str(device), cfg.dtype)
+    models = {"dense": dense}
+    for name, spec in zip(_unique_names(cfg.compare), cfg.compare, strict=True):
+        log(f"loading {name} from {spec}")
+        model, other_tokenizer = _load(spec, str(device), cfg.dtype)
+        check_pruned_version(dense, model, name)
+        check_same_tokenizer(tokenizer, other_tokenizer, name)
+        models[name] = model
+    result = benchmark_models(models, tokenizer, baseline="dense", batch_sizes=cfg.batch_sizes,
+                              prompt_lens=cfg.prompt_lens, new_tokens=cfg.new_tokens, repeats=cfg.repeats,
+                              warmup=cfg.warmup, attention=attention,
+                              attention_fallback="eager" if cfg.attn == "auto" else None, seed=cfg.seed,
+                              progress=log)
+    return result, models
 
+
+def run_bench(args: argparse.Namespace | BenchSettings) -> int:
+    """Run ``adapt-engine bench``: check, load, measure interleaved, print the table, write JSON and PNG.
+
+    Bad input (flags, models, output folder) is printed as one error line and gives exit code 2.
+    """
+    cfg = args if isinstance(args, BenchSettings) else from_args(BenchSettings, args)
     try:
-        device = resolve_device(args.device)
-        try:
-            dtype = parse_dtype(args.dtype)
-        except ValueError as err:
-            raise BenchInputError(str(err)) from err
-        attention = choose_attention(args.attn, device, dtype)
-        _check_sizes(args.batch_sizes, args.prompt_lens, args.new_tokens, args.repeats, args.warmup)
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        log = lambda msg: print(msg, file=sys.stderr, flush=True)
-        log(f"loading dense model {args.model or '(built-in SmolLM2-135M-Instruct)'}")
-        dense, tokenizer = _load(args.model, str(device), args.dtype)
-        models = {"dense": dense}
-        for name, spec in zip(_unique_names(args.compare), args.compare, strict=True):
-            log(f"loading {name} from {spec}")
-            model, other_tokenizer = _load(spec, str(device), args.dtype)
-            check_pruned_version(dense, model, name)
-            check_same_tokenizer(tokenizer, other_tokenizer, name)
-            models[name] = model
-        result = benchmark_models(models, tokenizer, baseline="dense", batch_sizes=args.batch_sizes,
-                                  prompt_lens=args.prompt_lens, new_tokens=args.new_tokens,
-                                  repeats=args.repeats, warmup=args.warmup, attention=attention,
-                                  attention_fallback="eager" if args.attn == "auto" else None,
-                                  seed=args.seed, progress=log)
-    except (BenchInputError, ModelLoadError, UnsupportedModelError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        cfg.validate()
+        out = check_bench_output(cfg.output)
+        result, models = _measure(cfg, lambda msg: print(msg, file=sys.stderr, flush=True))
+    except (AdaptEngineError, ModelLoadError, UnsupportedModelError) as err:
+        print(f"adapt-engine bench: error: {err}", file=sys.stderr)
         return 2
-    result.config["models"] = {"dense": args.model or "default (SmolLM2-135M-Instruct)",
-                               **dict(zip(list(models)[1:], args.compare, strict=True))}
+    result.config["models"] = {"dense": cfg.model or "default (SmolLM2-135M-Instruct)",
+                               **dict(zip(list(models)[1:], cfg.compare, strict=True))}
     print(result.format_table())
-    out = Path(args.output)
     json_path = result.write_json(out / JSON_NAME)
     chart_path = result.write_chart(out / CHART_NAME)
     print(f"\nwrote {json_path} and {chart_path}")

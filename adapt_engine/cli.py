@@ -1,98 +1,68 @@
-"""`adapt-engine` command line: prune, eval, bench, accel."""
+"""`adapt-engine` command line: prune, eval, bench, accel.
+
+Every flag is generated from the settings dataclasses (``settings.add_flags``); the settings validate
+themselves before any model is loaded. Errors the user can fix (:class:`AdaptEngineError`) are printed as
+one line with exit code 2 (3 for a training run that diverged); anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from .accel import AccelConfig, run_accel
+from .adapters import UnsupportedModelError
+from .bench import BenchSettings, run_bench
+from .commands import EvalSettings, PruneRunSettings, run_eval, run_prune
+from .data import DataError
+from .errors import AdaptEngineError
+from .flops import UnsupportedShapeError
+from .models import ModelLoadError
+from .saving import PrunedModelError
+from .settings import add_flags, from_args
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="transformers folder, hub id, .gguf file or pruned output (default: built-in SmolLM2-135M)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
+# The package's error classes: AdaptEngineError and the leaf modules' own (which derive from it once their
+# modules re-base them; listed here so that the CLI never depends on that order). Nothing broader is caught.
+USER_ERRORS = (AdaptEngineError, DataError, ModelLoadError, PrunedModelError, UnsupportedModelError,
+               UnsupportedShapeError)
 
-
-def _add_prune_args(p: argparse.ArgumentParser) -> None:
-    _add_model_args(p)
-    p.add_argument("--output", required=True, help="folder for the pruned model (written atomically)")
-    size = p.add_mutually_exclusive_group(required=True)
-    size.add_argument("--sparsity", type=float, help="fraction of prunable (attention+MLP) weights to remove")
-    size.add_argument("--target-params", type=int, help="total parameter count wanted")
-    p.add_argument("--amplitude", type=float, default=0.02, help="A in the per-layer shift A*I_j")
-    p.add_argument("--steps", type=int, default=50, help="sub-steps T of Algorithm 1 (default 50)")
-    p.add_argument("--allocation", choices=("adaptive", "uniform"), default="adaptive")
-    p.add_argument("--layer-update", choices=("incremental", "absolute"), default="incremental",
-                   help="per-layer sparsity at each sub-step: move it by the step's increment minus A*I_j, as the "
-                   "authors' code does (default), or set it to S_cur - A*I_j (the paper's Eq. 6)")
-    p.add_argument("--importance", choices=("taylor", "magnitude", "random", "vectorize", "param_mix"),
-                   default="taylor", help="group saliency (default taylor = |dL/dW * W|)")
-    p.add_argument("--similarity", choices=("cosine", "euclidean", "manhattan"), default="cosine")
-    p.add_argument("--attention", choices=("query", "kv"), default="query",
-                   help="attention granularity: same number of query heads per KV group, or whole KV groups")
-    p.add_argument("--split", choices=("saliency", "proportional"), default="saliency",
-                   help="inside a layer, remove attention units only where they are less salient than the MLP "
-                   "channels they would spare (default), or give attention its proportional share")
-    p.add_argument("--round-to", type=int, default=1, help="make every MLP width a multiple of K")
-    p.add_argument("--calib-data", default=None, help=".txt/.jsonl/.parquet file or folder, or a datasets name "
-                   "(default: built-in offline text, train split)")
-    p.add_argument("--calib-samples", type=int, default=512)
-    p.add_argument("--calib-seq-len", type=int, default=64)
-    p.add_argument("--calib-batch-size", type=int, default=32, help="sequences per forward/backward")
-    p.add_argument("--eval-tokens", type=int, default=8192,
-                   help="held-out tokens for before/after perplexity in the report (0 = skip)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
-    p.add_argument("--no-bench", action="store_true", help="skip the short latency bench at the end")
+COMMANDS = {
+    "prune": (PruneRunSettings, "Adapt-Pruner: prune a model to a smaller dense model"),
+    "eval": (EvalSettings, "perplexity on held-out text (prints one JSON line)"),
+    "bench": (BenchSettings, "latency of dense vs pruned models"),
+    "accel": (AccelConfig, "Adapt-Accel: interleaved pruning and training"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of all sub-commands."""
-    parser = argparse.ArgumentParser(prog="adapt-engine", description=__doc__)
+    parser = argparse.ArgumentParser(prog="adapt-engine", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_prune_args(sub.add_parser("prune", help="Adapt-Pruner: prune a model to a smaller dense model"))
-
-    ev = sub.add_parser("eval", help="perplexity on held-out text (prints one JSON line)")
-    _add_model_args(ev)
-    ev.add_argument("--data", default=None, help="text file/dataset (default: built-in held-out split)")
-    ev.add_argument("--seq-len", type=int, default=512)
-    ev.add_argument("--batch-size", type=int, default=4)
-    ev.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens")
-
-    from .accel import add_accel_arguments
-    from .bench import add_bench_arguments
-
-    add_bench_arguments(sub.add_parser("bench", help="latency of dense vs pruned models"))
-    add_accel_arguments(sub.add_parser("accel", help="Adapt-Accel: interleaved pruning and training"))
+    for name, (settings_class, help_text) in COMMANDS.items():
+        add_flags(sub.add_parser(name, help=help_text), settings_class)
     return parser
+
+
+def _run(command: str, settings) -> int:
+    if command == "prune":
+        run_prune(settings)
+        return 0
+    if command == "eval":
+        run_eval(settings)
+        return 0
+    if command == "bench":
+        return run_bench(settings)
+    return run_accel(settings)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `adapt-engine` console script."""
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "prune":
-            from .commands import run_prune
-
-            run_prune(args)
-            return 0
-        if args.command == "eval":
-            from .commands import run_eval
-
-            run_eval(args)
-            return 0
-        if args.command == "bench":
-            from .bench import run_bench
-
-            return run_bench(args)
-        if args.command == "accel":
-            from .accel import run_accel
-
-            return run_accel(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        return _run(args.command, from_args(COMMANDS[args.command][0], args))
+    except USER_ERRORS as err:
         print(f"adapt-engine {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    return 1
+        return getattr(err, "exit_code", 2)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from .allocation import (
     plan_budgets,
     step_targets,
 )
+from .errors import UsageError
 from .groups import ATTENTION_MODES, GroupScores, LayerKeep, choose_attention_keep, choose_mlp_keep
 from .importance import (
     IMPORTANCES,
@@ -28,6 +29,7 @@ from .importance import (
     normalize_importance,
     random_scores,
 )
+from .settings import check_bounds, setting
 from .surgery import apply_plan
 
 __all__ = ["PruneSettings", "AdaptPruner", "count_params"]
@@ -35,39 +37,42 @@ __all__ = ["PruneSettings", "AdaptPruner", "count_params"]
 SPLITS = ("saliency", "proportional")
 
 
+GRADIENT_IMPORTANCES = ("taylor", "vectorize", "param_mix")
+
+
 @dataclass
 class PruneSettings:
-    """Knobs of Adapt-Pruner (defaults are the paper's)."""
+    """Knobs of Adapt-Pruner (defaults are the paper's); each field is one flag of `prune` and `accel`."""
 
-    amplitude: float = 0.02
-    steps: int = 50
-    allocation: str = "adaptive"
-    layer_update: str = "incremental"
-    importance: str = "taylor"
-    similarity: str = "cosine"
-    attention: str = "query"
-    round_to: int = 1
-    split: str = "saliency"
-    calib_batch_size: int = 32
-    seed: int = 0
+    amplitude: float = setting(0.02, minimum=0.0, maximum=1.0,
+                               help="A in the per-layer shift A*I_j (paper default 0.02; 0 = uniform)")
+    steps: int = setting(50, minimum=1, help="sub-steps T of Algorithm 1 (default 50)")
+    allocation: str = setting("adaptive", choices=ALLOCATIONS,
+                              help="per-layer sparsity: adaptive (from layer importance) or uniform")
+    layer_update: str = setting(
+        "incremental", choices=LAYER_UPDATES,
+        help="per-layer sparsity at each sub-step: move it by the step's increment minus A*I_j, as the authors' "
+        "code does (default), or set it to S_cur - A*I_j (the paper's Eq. 6)")
+    importance: str = setting("taylor", choices=IMPORTANCES, help="group saliency (default taylor = |dL/dW * W|)")
+    similarity: str = setting("cosine", choices=SIMILARITIES,
+                              help="layer importance from the similarity of each layer's input and output")
+    attention: str = setting("query", choices=ATTENTION_MODES,
+                             help="attention granularity: same number of query heads per KV group, or whole KV groups")
+    round_to: int = setting(1, minimum=1, help="make every MLP width a multiple of K (1 = no rounding)")
+    split: str = setting("saliency", choices=SPLITS,
+                         help="inside a layer, remove attention units only where they are less salient than the MLP "
+                         "channels they would spare (default), or give attention its proportional share")
+    calib_batch_size: int = setting(32, minimum=1, help="calibration sequences per forward/backward")
+    seed: int = setting(0, help="random seed (calibration sample, data order, random importance)")
 
     def validate(self) -> None:
-        """Raise a clear error for any out-of-range setting."""
-        checks = [
-            (self.allocation in ALLOCATIONS, f"--allocation must be one of {ALLOCATIONS}"),
-            (self.layer_update in LAYER_UPDATES, f"--layer-update must be one of {LAYER_UPDATES}"),
-            (self.importance in IMPORTANCES, f"--importance must be one of {IMPORTANCES}"),
-            (self.similarity in SIMILARITIES, f"--similarity must be one of {SIMILARITIES}"),
-            (self.attention in ATTENTION_MODES, f"--attention must be one of {ATTENTION_MODES}"),
-            (self.steps >= 1, "--steps must be at least 1"),
-            (0.0 <= self.amplitude <= 1.0, "--amplitude must be in [0, 1] (paper default 0.02)"),
-            (self.round_to >= 1, "--round-to must be a positive integer (1 = no rounding)"),
-            (self.split in SPLITS, f"--split must be one of {SPLITS}"),
-            (self.calib_batch_size >= 1, "--calib-batch-size must be at least 1"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
+        """Raise UsageError naming the flag for any out-of-range setting."""
+        check_bounds(self)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether these settings read calibration data (gradient saliency or adaptive allocation)."""
+        return self.importance in GRADIENT_IMPORTANCES or self.allocation == "adaptive"
 
 
 class AdaptPruner:
@@ -90,9 +95,8 @@ class AdaptPruner:
         # the overall sparsity they were last moved to (relative to the original prunable parameters).
         self.layer_sparsity: torch.Tensor | None = None
         self.overall_sparsity = 0.0
-        needs_data = settings.importance in ("taylor", "vectorize", "param_mix") or settings.allocation == "adaptive"
-        if needs_data and (calib_ids is None or calib_ids.numel() == 0):
-            raise ValueError("this importance/allocation needs calibration data; pass calib_ids")
+        if settings.needs_calibration and (calib_ids is None or calib_ids.numel() == 0):
+            raise UsageError("this importance/allocation needs calibration data; pass calib_ids")
 
     def min_params(self) -> int:
         """Smallest reachable size: one attention unit and one MLP channel (or round_to) per layer."""
@@ -218,12 +222,12 @@ class AdaptPruner:
         floor = self.min_params()
         current = count_params(self.model)
         if target_params < floor:
-            raise ValueError(
+            raise UsageError(
                 f"target of {target_params:,} parameters is below the smallest reachable size {floor:,} "
                 f"(one attention unit and one MLP channel per layer, embeddings kept); ask for fewer removed"
             )
         if target_params > current:
-            raise ValueError(f"target of {target_params:,} parameters exceeds the current {current:,}; "
+            raise UsageError(f"target of {target_params:,} parameters exceeds the current {current:,}; "
                              f"pruning only removes parameters")
         records = []
         for i, target in enumerate(step_targets(current, target_params, steps)):
@@ -260,5 +264,5 @@ class AdaptPruner:
     def target_from_sparsity(self, sparsity: float) -> int:
         """Total parameter target that removes ``sparsity`` of the original prunable parameters."""
         if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"--sparsity must be in [0, 1), got {sparsity}")
+            raise UsageError(f"--sparsity must be in [0, 1), got {sparsity}")
         return self.original_total - int(round(sparsity * self.original_prunable))

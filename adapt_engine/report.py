@@ -1,53 +1,139 @@
-"""Human-readable before/after report and the per-layer widths / importance chart."""
+"""The one report of a run (`prune` and `accel` alike): its versioned dataclass, the plain-text summary, the
+per-layer chart, and the end every command shares (write, print, measured speedup)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
+import resource
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+import torch
+
+from .bench import format_quick_speedup, quick_speedup
+from .fsio import atomic_write
+from .models import load_model
+from .options import ModelSettings
+from .saving import save_pruned
+
+REPORT_VERSION = 2  # 1: the separate prune/accel dicts (accel had only ppl_initial/ppl_final)
+
+
+@dataclass
+class RunReport:
+    """What a run did, as written to ``pruning_report.json`` (``details`` go to the top level as well)."""
+
+    command: str
+    model: str
+    settings: dict
+    params_before: int
+    params_after: int
+    target_params: int
+    widths_before: list[dict]
+    widths_after: list[dict]
+    ppl_before: float | None = None
+    ppl_after: float | None = None
+    ppl_tokens: int | None = None
+    wall_seconds: float = 0.0
+    peak_rss_mb: float | None = None
+    details: dict = field(default_factory=dict)
+    report_version: int = REPORT_VERSION
+
+    def to_dict(self) -> dict:
+        """The JSON form: every field, the command's ``details`` inlined, accel's former perplexity names kept."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "details"}
+        out.update(self.details)
+        if self.command == "accel":  # the names accel reports used before version 2
+            out.update(ppl_initial=self.ppl_before, ppl_final=self.ppl_after)
+        return out
+
+    @property
+    def history(self) -> list[dict]:
+        """Algorithm-1 sub-step records (prune: ``history``, accel: ``prune_history``)."""
+        return self.details.get("history", self.details.get("prune_history", []))
+
+
+def peak_memory_mb(device: str = "cpu") -> float:
+    """Peak resident memory of this process (CPU) or peak allocated CUDA memory, in MB."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def report_dict(report: RunReport | dict) -> dict:
+    """A report as its JSON dict (already-dict reports pass through)."""
+    return report.to_dict() if isinstance(report, RunReport) else dict(report)
 
 
 def _fmt(n: int) -> str:
     return f"{n / 1e6:,.2f}M" if n >= 1e6 else f"{n:,}"
 
 
-def format_report(report: dict) -> str:
-    """A plain-text summary of a pruning run (what `adapt-engine prune` prints)."""
-    before, after = report["params_before"], report["params_after"]
-    pb, pa = report["prunable_before"], report["prunable_after"]
+def _ppl(x: float | None) -> str:
+    return f"{x:.3f}" if x is not None else "-"
+
+
+def _summary_lines(r: dict) -> list[str]:
+    before, after, target = r["params_before"], r["params_after"], r["target_params"]
     lines = [
-        "",
-        "adapt-engine prune report",
-        "=" * 64,
-        f"model          {report['model']}",
-        "settings       " + ", ".join(f"{k}={v}" for k, v in report["settings"].items()),
-        f"parameters     {_fmt(before)} -> {_fmt(after)}  ({100 * (1 - after / before):.2f}% fewer)",
-        f"prunable       {_fmt(pb)} -> {_fmt(pa)}  (sparsity {100 * (1 - pa / pb):.2f}%, "
-        f"target {_fmt(report['target_params'])} total, off by {after - report['target_params']:+,})",
-        f"wall time      {report['wall_seconds']:.1f} s  (peak RSS {report.get('peak_rss_mb', 0):,.0f} MB)",
+        "", f"adapt-engine {r['command']} report", "=" * 64,
+        f"model          {r['model']}",
+        "settings       " + ", ".join(f"{k}={v}" for k, v in r["settings"].items()),
+        f"parameters     {_fmt(before)} -> {_fmt(after)}  ({100 * (1 - after / before):.2f}% fewer; "
+        f"target {_fmt(target)}, off by {after - target:+,})",
     ]
-    if report.get("round_to", 1) > 1:
-        lines.append(f"round-to       {report['round_to']} (cost vs. exact target: "
-                     f"{report.get('rounding_cost_params', 0):+,} params)")
-    if "ppl_before" in report:
-        lines.append(f"perplexity     {report['ppl_before']:.3f} -> {report['ppl_after']:.3f} "
-                     f"(held-out, {report['ppl_tokens']:,} tokens)")
-    lines += ["", f"{'layer':>5} {'heads':>9} {'kv':>6} {'mlp':>11} {'sparsity':>9} {'importance':>11}"]
-    orig = report["widths_before"]
-    imp = report["history"][-1]["layer_importance"] if report["history"] else [0.0] * len(orig)
-    for j, (o, n) in enumerate(zip(orig, report["widths_after"])):
-        lp_b = report["layer_params_before"][j]
-        lp_a = report["layer_params_after"][j]
-        lines.append(
-            f"{j:>5} {o['num_heads']:>3}->{n['num_heads']:<3} {o['num_kv_heads']:>2}->{n['num_kv_heads']:<2} "
-            f"{o['intermediate_size']:>5}->{n['intermediate_size']:<5} {100 * (1 - lp_a / lp_b):>8.1f}% "
-            f"{imp[j]:>+11.3f}"
-        )
-    return "\n".join(lines)
+    if "prunable_before" in r:
+        pb, pa = r["prunable_before"], r["prunable_after"]
+        lines.append(f"prunable       {_fmt(pb)} -> {_fmt(pa)}  (sparsity {100 * (1 - pa / pb):.2f}%)")
+    if "optimizer_steps" in r:
+        lines.append(f"training       {r['tokens_used']:,} tokens in {r['optimizer_steps']} optimizer steps")
+    peak = r.get("peak_rss_mb")
+    lines.append(f"wall time      {r['wall_seconds']:.1f} s" + (f"  (peak RSS {peak:,.0f} MB)" if peak else ""))
+    if r.get("round_to", 1) > 1:
+        lines.append(f"round-to       {r['round_to']} (cost vs. exact target: "
+                     f"{r.get('rounding_cost_params', 0):+,} params)")
+    if r.get("ppl_before") is not None or r.get("ppl_after") is not None:
+        tokens = f", {r['ppl_tokens']:,} tokens" if r.get("ppl_tokens") else ""
+        lines.append(f"perplexity     {_ppl(r.get('ppl_before'))} -> {_ppl(r.get('ppl_after'))} (held-out{tokens})")
+    return lines
 
 
-def plot_report(report: dict, path: str | Path) -> Path:
+def _phase_lines(r: dict) -> list[str]:
+    lines = ["", f"{'phase':>5} {'params':>12} {'steps':>6} {'tokens':>9} {'ppl':>9}"]
+    for ph in r["phases"]:
+        lines.append(f"{ph['phase'] + 1:>5} {ph['params']:>12,} {ph['steps']:>6} {ph['tokens']:>9,} "
+                     f"{_ppl(ph['ppl']):>9}")
+    return lines
+
+
+def _layer_lines(r: dict, history: list[dict]) -> list[str]:
+    per_layer = "layer_params_before" in r
+    lines = ["", f"{'layer':>5} {'heads':>9} {'kv':>6} {'mlp':>11}"
+             + (f" {'sparsity':>9} {'importance':>11}" if per_layer else "")]
+    imp = history[-1]["layer_importance"] if history else [0.0] * len(r["widths_before"])
+    for j, (o, n) in enumerate(zip(r["widths_before"], r["widths_after"])):
+        line = (f"{j:>5} {o['num_heads']:>3}->{n['num_heads']:<3} {o['num_kv_heads']:>2}->{n['num_kv_heads']:<2} "
+                f"{o['intermediate_size']:>5}->{n['intermediate_size']:<5}")
+        if per_layer:
+            lp_b, lp_a = r["layer_params_before"][j], r["layer_params_after"][j]
+            line += f" {100 * (1 - lp_a / lp_b):>8.1f}% {imp[j]:>+11.3f}"
+        lines.append(line)
+    return lines
+
+
+def format_report(report: RunReport | dict) -> str:
+    """The plain-text summary every command prints at its end: totals, phases (accel), per-layer widths."""
+    r = report_dict(report)
+    history = r.get("history") or r.get("prune_history") or []
+    lines = _summary_lines(r)
+    if "phases" in r:
+        lines += _phase_lines(r)
+    return "\n".join(lines + _layer_lines(r, history))
+
+
+def plot_report(report: RunReport | dict, path: str | Path) -> Path:
     """PNG with per-layer widths (before/after) and layer importance across sub-steps; written atomically."""
+    report = report_dict(report)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,7 +148,7 @@ def plot_report(report: dict, path: str | Path) -> Path:
         ax.bar(layers, [w[key] for w in report["widths_after"]], color="#3a7", label="after")
         ax.set_ylabel(label)
         ax.legend(loc="lower right")
-    hist = report["history"]
+    hist = report.get("history") or report.get("prune_history") or []
     cmap = plt.get_cmap("viridis")
     for i, rec in enumerate(hist):
         axes[2].plot(layers, rec["layer_importance"], color=cmap(i / max(1, len(hist) - 1)), lw=1,
@@ -77,18 +163,58 @@ def plot_report(report: dict, path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    """Write a matplotlib figure as PNG atomically (temp file, then rename) and close it."""
+def plot_progress(records: list[dict], path: Path) -> Path:
+    """PNG: training loss and parameter count over tokens, held-out perplexity per phase (atomic write)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
+    steps = [r for r in records if r["event"] == "step"]
+    evals = [r for r in records if r["event"] == "eval" and r.get("ppl") is not None]
+    # Parameter count as a staircase: the original size, then the size after each prune.
+    sizes = [(0, r["params"]) for r in records if r["event"] == "eval" and r["phase"] == -1]
+    sizes += [(r["tokens"], r["params"]) for r in records if r["event"] == "prune"]
+    if steps:
+        sizes.append((steps[-1]["tokens"], steps[-1]["params"]))
+    fig, (ax1, ax3) = plt.subplots(2, 1, figsize=(10, 8), sharex=True)
+    ax1.plot([r["tokens"] for r in steps], [r["loss"] for r in steps], color="#37a", lw=1, label="training loss")
+    ax1.set_ylabel("training loss")
+    ax2 = ax1.twinx()
+    ax2.step([x for x, _ in sizes], [n / 1e6 for _, n in sizes], where="post", color="#c53", lw=1.5,
+             label="parameters")
+    ax2.set_ylabel("parameters (M)")
+    lines = ax1.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax1.legend(lines, [str(h.get_label()) for h in lines], loc="upper right")
+    ax3.plot([r.get("tokens_total", 0) for r in evals], [r["ppl"] for r in evals], "o-", color="#3a7")
+    ax3.set_ylabel("held-out perplexity")
+    ax3.set_xlabel("training tokens")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+
+
+def finish_run(report: RunReport, model, tokenizer, output: str | Path, *, dense: ModelSettings, bench: bool,
+               extra: Callable[[Path], None] | None = None) -> Path:
+    """The end of `prune` and `accel`: save the model with its report and chart, print the report, and (unless
+    --no-bench) the measured speedup over the dense model."""
+    out = save_pruned(model, tokenizer, output, report.to_dict())
+    if extra is not None:
+        extra(out)
+    plot_report(report, out / "pruning_report.png")
+    print(format_report(report))
+    print(f"\nsaved to {out}  (reload: adapt_engine.load_pruned('{out}') or "
+          f"AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True))")
+    if bench:
+        dense_model, _ = load_model(dense.model, device=dense.device, dtype=dense.dtype)
+        print(format_quick_speedup(quick_speedup(dense_model, model)))
+    return out

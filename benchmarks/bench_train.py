@@ -7,7 +7,7 @@ where the CPU/GPU has native bf16 — identical settings on every side:
 
 * ``hf adamw_torch``: ``Trainer(optim="adamw_torch")``, the baseline named in the issue
 * ``hf adamw_torch_fused``: the Trainer with torch's fused AdamW (its current default)
-* ``accel``: ``adapt_engine.accel.train_step`` + the WSD schedule + our AdamW, the body of
+* ``accel``: ``adapt_engine.training.train_step`` + the WSD schedule + our AdamW, the body of
   ``adapt-engine accel``'s loop
 
 Shared machines drift, so each benchmark round runs all three, in rotating order, and the ratios are
@@ -28,9 +28,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from adapt_engine.accel import AccelConfig, Dist, autocast_dtype, train_step  # noqa: E402
 from adapt_engine.optim import build_optimizer  # noqa: E402
 from adapt_engine.schedule import WSDSchedule  # noqa: E402
+from adapt_engine.training import autocast_dtype, train_step  # noqa: E402
 
 CONFIG = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
               num_hidden_layers=4, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=True)
@@ -44,9 +44,7 @@ def test_training_tokens_per_second(benchmark, bench_record, tmp_path):
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG))
     model.train()
     ids = torch.randint(0, CONFIG["vocab_size"], (GLOBAL * STEPS, SEQ), generator=torch.Generator().manual_seed(0))
-    amp = autocast_dtype(AccelConfig(output="", sparsity=0.5), torch.device("cpu"))
-    cfg = AccelConfig(output="", sparsity=0.5, micro_batch=MICRO, global_batch=GLOBAL, seq_len=SEQ)
-    dist = Dist(0, 1, torch.device("cpu"), owns_group=False)
+    amp = autocast_dtype("auto", torch.device("cpu"))
     schedule = WSDSchedule(STEPS, 2e-5, 2e-5, 0.0, 0.0)
     data = [{"input_ids": row, "labels": row} for row in ids]
 
@@ -67,7 +65,8 @@ def test_training_tokens_per_second(benchmark, bench_record, tmp_path):
         optimizer = build_optimizer(model, lr=2e-5)
         t0 = time.perf_counter()
         for s in range(STEPS):
-            train_step(model, optimizer, ids[s * GLOBAL:(s + 1) * GLOBAL], cfg, dist, schedule.lr(s), amp)
+            train_step(model, optimizer, ids[s * GLOBAL:(s + 1) * GLOBAL], lr=schedule.lr(s), micro_batch=MICRO,
+                       max_grad_norm=1.0, amp=amp)
         return time.perf_counter() - t0
 
     runs = {"hf adamw_torch": lambda: hf("adamw_torch"), "hf adamw_torch_fused": lambda: hf("adamw_torch_fused"),

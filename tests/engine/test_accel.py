@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,7 @@ def test_split_counts_is_exact(total, n):
 
 def test_data_plan_draws_without_replacement():
     ids = torch.arange(1000)
-    cfg = AccelConfig(output="x", sparsity=0.5, interleaves=4, train_tokens=400, seq_len=10, seed=3)
+    cfg = AccelConfig.from_flat(output="x", sparsity=0.5, interleaves=4, train_tokens=400, seq_len=10, seed=3)
     plan = plan_data(ids, cfg)
     firsts = plan.windows[:, 0].tolist()
     assert len(firsts) == 40 and len(set(firsts)) == 40  # distinct windows
@@ -72,7 +73,7 @@ def test_data_plan_draws_without_replacement():
     assert [b - a for a, b in plan.bounds] == [4, 8, 12, 16]
     assert sorted(firsts) != firsts  # random order
     with pytest.raises(ValueError, match="needs 200 windows"):
-        plan_data(ids, AccelConfig(output="x", sparsity=0.5, train_tokens=2000, seq_len=10))
+        plan_data(ids, AccelConfig.from_flat(output="x", sparsity=0.5, train_tokens=2000, seq_len=10))
 
 
 @pytest.mark.parametrize("n,world", [(8, 2), (7, 2), (3, 4), (1, 2), (128, 3)])
@@ -91,9 +92,9 @@ def _cfg(model_dir, out, **kw) -> AccelConfig:
     # 48 windows of 16 tokens over 3 phases: 8 / 16 / 24 windows, 1 + 2 + 3 optimizer steps of 8 sequences.
     base = dict(output=str(out), model=str(model_dir), sparsity=0.4, interleaves=3, train_tokens=48 * 16,
                 seq_len=16, global_batch=8, micro_batch=4, lr=2e-3, min_lr=2e-4, calib_samples=8, calib_seq_len=16,
-                calib_batch_size=4, val_tokens=256, prune_steps=1, seed=0)
+                calib_batch_size=4, val_tokens=256, prune_steps=1, seed=0, no_bench=True)
     base.update(kw)
-    return AccelConfig(**base)
+    return AccelConfig.from_flat(**base)
 
 
 def _assert_same_weights(a, b):
@@ -270,7 +271,7 @@ def test_cli_arguments_map_onto_config():
     with pytest.raises(ValueError, match="exactly one"):
         AccelConfig(output="o").validate()
     with pytest.raises(ValueError, match="--saliency train"):
-        AccelConfig(output="o", sparsity=0.5, saliency="train", importance="magnitude").validate()
+        AccelConfig.from_flat(output="o", sparsity=0.5, saliency="train", importance="magnitude").validate()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -327,3 +328,81 @@ def test_two_processes_match_single_process(model_dir, tmp_path, reference):
             torch.testing.assert_close(r0[k], single[k], rtol=1e-5, atol=1e-6,
                                        msg=lambda m, k=k, mode=mode: f"{mode} {k}: {m}")
     assert Path(ddp.output, "config.json").is_file() and Path(fsdp.output, "config.json").is_file()  # rank 0 saved
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 10: what a run may delete, and what a resume must refuse
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_cleanup_removes_only_what_the_run_wrote(model_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    cfg = _cfg(model_dir, tmp_path / "out", checkpoint_dir=str(ckpt), checkpoint_every=2)
+
+    def drop_a_user_file(rec):
+        if rec["global_step"] == 1:
+            (ckpt / "notes.txt").write_text("mine")
+
+    run(cfg, on_step=drop_a_user_file)
+    assert (ckpt / "notes.txt").read_text() == "mine"  # the folder stays because it holds a file we did not write
+    assert sorted(p.name for p in ckpt.iterdir()) == ["notes.txt"]
+
+
+def test_fresh_start_in_a_foreign_checkpoint_dir_deletes_nothing(model_dir, tmp_path):
+    ckpt = tmp_path / "mine"
+    ckpt.mkdir()
+    (ckpt / "data.bin").write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match="not created by adapt-engine"):
+        run(_cfg(model_dir, tmp_path / "out", checkpoint_dir=str(ckpt), overwrite=True))
+    assert (ckpt / "data.bin").read_bytes() == b"\x00" * 10
+
+
+def test_resume_refuses_a_non_empty_output_without_overwrite(model_dir, tmp_path):
+    from adapt_engine.errors import OutputPathError
+
+    cfg = _cfg(model_dir, tmp_path / "out", checkpoint_every=2)
+    with pytest.raises(Interrupt):
+        run(cfg, on_step=_interrupt_at(2))
+    Path(cfg.output).mkdir()
+    (Path(cfg.output) / "keep.txt").write_text("user data")
+    with pytest.raises(OutputPathError, match="not empty; pass --overwrite"):
+        run(_cfg(model_dir, tmp_path / "out", checkpoint_every=2, resume=True))
+    assert (Path(cfg.output) / "keep.txt").read_text() == "user data"
+
+
+def test_resume_refuses_changed_micro_batch_and_changed_data(model_dir, tmp_path):
+    from pydoc_data import topics
+
+    data = tmp_path / "train.txt"
+    data.write_text("\n\n".join(topics.topics[k] for k in sorted(topics.topics)[:80]))
+    cfg = _cfg(model_dir, tmp_path / "out", checkpoint_every=1, train_data=str(data), train_tokens=24 * 16,
+               val_tokens=0)
+    with pytest.raises(Interrupt):
+        run(cfg, on_step=_interrupt_at(2))
+    with pytest.raises(CheckpointError, match="micro_batch: checkpoint 4, now 2"):
+        run(replace(cfg, micro_batch=2, resume=True))
+    text = data.read_text()
+    data.write_text(text.replace("the", "teh", 1))  # same path, same size, other content
+    with pytest.raises(CheckpointError, match="train_data_content"):
+        run(replace(cfg, resume=True))
+    data.write_text(text)
+    os.utime(data, (1, 1))  # touched but unchanged: still resumable
+    assert run(replace(cfg, resume=True)).report["optimizer_steps"] == 4
+
+
+def test_resume_loads_the_pruned_tokenizer_without_a_model_type_warning(model_dir, tmp_path):
+    import logging
+
+    cfg = _cfg(model_dir, tmp_path / "out", checkpoint_every=2)
+    with pytest.raises(Interrupt):
+        run(cfg, on_step=_interrupt_at(2))
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    try:
+        run(_cfg(model_dir, tmp_path / "out", checkpoint_every=2, resume=True))
+    finally:
+        hf_logger.removeHandler(handler)
+    assert not [m for m in seen if "to instantiate a model of type" in m], seen

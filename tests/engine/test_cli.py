@@ -79,3 +79,13 @@ def test_prune_prints_measured_speedup(tmp_path, tiny_model_dir, capsys):
     args = [a for a in _prune_args(tiny_model_dir, tmp_path / "s", "--sparsity", "0.4") if a != "--no-bench"]
     assert main(args) == 0
     assert "speedup" in capsys.readouterr().out.lower()
+
+
+def test_accel_ends_like_prune_with_the_measured_speedup(tmp_path, tiny_model_dir, capsys):
+    from report_cases import accel_argv
+
+    argv = [a for a in accel_argv(tiny_model_dir, tmp_path / "a") if a != "--no-bench"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "adapt-engine accel report" in out and "speedup" in out.lower()
+    assert (tmp_path / "a" / "pruning_report.png").stat().st_size > 1000
