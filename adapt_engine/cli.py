@@ -1,4 +1,4 @@
-"""`adapt-engine` command line: prune, eval, bench, accel."""
+"""`adapt-engine` command line: prune, eval, bench, accel, export."""
 
 from __future__ import annotations
 
@@ -61,9 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .accel import add_accel_arguments
     from .bench import add_bench_arguments
+    from .export import add_export_arguments
 
     add_bench_arguments(sub.add_parser("bench", help="latency of dense vs pruned models"))
     add_accel_arguments(sub.add_parser("accel", help="Adapt-Accel: interleaved pruning and training"))
+    add_export_arguments(sub.add_parser("export", help="write a model for vLLM (DeciLM) or llama.cpp (GGUF)"))
     return parser
 
 
@@ -85,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import run_bench
 
             return run_bench(args)
+        if args.command == "export":
+            from .export import run_export
+
+            return run_export(args)
         if args.command == "accel":
             from .accel import run_accel
 
