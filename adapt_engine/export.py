@@ -46,10 +46,10 @@ def export_model(model, tokenizer, fmt: str, output: str | Path, dtype: str = "f
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     if dtype not in EXPORT_DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got '{dtype}'")
+    adapter = check_exportable(model, fmt)
     if fmt == "gguf" and tokenizer is None:
         raise UsageError("GGUF export needs the model's tokenizer (llama.cpp will not load a GGUF without one); "
                          "pass a model folder that has its tokenizer files")
-    adapter = check_exportable(model, fmt)
     torch_dtype = parse_dtype(dtype)
     layers = serving_layers(adapter)
     report: dict = {"format": fmt, "dtype": dtype, "layers": [s.__dict__ for s in layers]}
