@@ -910,6 +910,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_positive_int, default=None,
                         help="torch CPU threads (default: torch's choice; stated in the output either way)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompt token ids")
+    from .engine_bench import add_engine_arguments
+
+    add_engine_arguments(parser)
 
 
 def _load(spec: str | None, device: str, dtype: str):
@@ -935,6 +938,10 @@ def run_bench(args: argparse.Namespace) -> int:
     from .adapters import UnsupportedModelError
     from .models import ModelLoadError, parse_dtype
 
+    if getattr(args, "engine", "hf") != "hf":  # timed in a serving engine: adapt_engine/engine_bench.py
+        from .engine_bench import run_engine_bench
+
+        return run_engine_bench(args)
     try:
         device = resolve_device(args.device)
         try:

@@ -1,11 +1,12 @@
 """Run requests through vLLM, inside vLLM's own virtualenv (standalone: imports neither torch code of ours nor
 adapt_engine). Reads one JSON request on stdin and prints one JSON line prefixed with ``RESULT `` on stdout.
 
-Request: {"models": [{"path": DIR, "task": "greedy" | "bench", ...}], "dtype": "float32", "max_model_len": 512}
-  greedy: {"prompts": [[token ids]], "max_tokens": N} -> per prompt: generated tokens, their logprobs, and the
-          logprobs of the prompt tokens (each given the ones before it).
-  bench:  {"prompt_len": P, "max_tokens": N, "concurrency": [1, 4, ...], "repeats": R} -> per concurrency level
-          the wall time of R generate() calls of that many requests, and time to first token of one request.
+Request: {"models": [{"path": DIR, "prompts": [[token ids]], "max_tokens": N, "texts": [str]}], "dtype": ...,
+          "max_model_len": 512} -> per model and prompt: greedy tokens, their logprobs, and the logprobs of the
+          prompt tokens (each given the ones before it); "texts" tokenized by vLLM's tokenizer.
+     or: {"bench": {"paths": [DIR, ...], "prompt_len": P, "max_tokens": N, "concurrency": [1, 4], "repeats": R}}
+          -> per model: time to first token of one request, and the wall time and tokens of each
+          concurrency level's generate() call, in interleaved rounds.
 """
 
 import gc
@@ -45,37 +46,45 @@ def _greedy(llm, spec):
     return {"sequences": result, "tokenized": tokenized}
 
 
-def _bench(llm, spec):
+def _bench(request):
+    """Load every model, then time them in interleaved rounds (so drifting machine load hits all alike)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    spec = request["bench"]
+    llms = [_llm(p, request.get("dtype", "float32"), request.get("max_model_len", 512)) for p in spec["paths"]]
     prompt = TokensPrompt(prompt_token_ids=[(7 * i + 3) % 1000 + 10 for i in range(spec["prompt_len"])])
     full = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True, detokenize=False)
     first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
-    llm.generate([prompt] * 2, full, use_tqdm=False)  # warm-up
-    out = {"ttft_s": [], "levels": {}}
+    for llm in llms:  # warm-up
+        llm.generate([prompt] * 2, full, use_tqdm=False)
+    out = [{"ttft_s": [], "levels": {str(n): [] for n in spec["concurrency"]}} for _ in llms]
     for _ in range(spec["repeats"]):
-        t0 = time.perf_counter()
-        llm.generate([prompt], first, use_tqdm=False)
-        out["ttft_s"].append(time.perf_counter() - t0)
-        for n in spec["concurrency"]:
+        for llm, rec in zip(llms, out):
             t0 = time.perf_counter()
-            res = llm.generate([prompt] * n, full, use_tqdm=False)
-            wall = time.perf_counter() - t0
-            tokens = sum(len(r.outputs[0].token_ids) for r in res)
-            out["levels"].setdefault(str(n), []).append({"wall_s": wall, "tokens": tokens})
+            llm.generate([prompt], first, use_tqdm=False)
+            rec["ttft_s"].append(time.perf_counter() - t0)
+            for n in spec["concurrency"]:
+                t0 = time.perf_counter()
+                res = llm.generate([prompt] * n, full, use_tqdm=False)
+                wall = time.perf_counter() - t0
+                tokens = sum(len(r.outputs[0].token_ids) for r in res)
+                rec["levels"][str(n)].append({"wall_s": wall, "tokens": tokens})
     return out
 
 
 def main():
     request = json.loads(sys.stdin.read())
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if "bench" in request:
+        print("RESULT " + json.dumps(_bench(request)), flush=True)
+        return
     results = []
     for spec in request["models"]:
         t0 = time.perf_counter()
         llm = _llm(spec["path"], request.get("dtype", "float32"), request.get("max_model_len", 512))
         startup = time.perf_counter() - t0
-        body = _greedy(llm, spec) if spec["task"] == "greedy" else _bench(llm, spec)
+        body = _greedy(llm, spec)
         results.append({"path": spec["path"], "startup_s": startup, "result": body})
         engine = getattr(llm, "llm_engine", None)
         core = getattr(engine, "engine_core", None)

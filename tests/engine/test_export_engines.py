@@ -100,7 +100,7 @@ def exported(tmp_path_factory, tiny_tokenizer):
 
 def _check_engine(engine: str, exported: dict, path_index: int) -> None:
     require_engine(engine)
-    request = {"models": [{"path": case[path_index], "task": "greedy", "prompts": case[2], "max_tokens": MAX_TOKENS,
+    request = {"models": [{"path": case[path_index], "prompts": case[2], "max_tokens": MAX_TOKENS,
                            "texts": SMOL_TEXTS if name == "smollm2" else []}
                           for name, case in exported.items()]}
     results = run_engine(engine, request)
