@@ -135,8 +135,9 @@ def run_engine_bench(args) -> int:
     with tempfile.TemporaryDirectory(prefix="adapt-engine-bench-") as scratch:
         paths = [_served_path(spec, args.engine, Path(scratch), f"m{i}")
                  for i, spec in enumerate([args.model, *args.compare])]
+        # llama.cpp's threads spin while they wait for each other: on a busy machine, fewer is faster.
         request = {"bench": {"paths": paths, "prompt_len": prompt_len, "max_tokens": new_tokens,
-                             "concurrency": concurrency, "repeats": args.repeats}}
+                             "concurrency": concurrency, "repeats": args.repeats}, "threads": args.threads or 1}
         raw = run_engine(args.engine, request)
     rows = summarize(args.engine, names, raw, new_tokens)
     print(format_rows(args.engine, rows))
