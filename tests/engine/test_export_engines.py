@@ -119,3 +119,19 @@ def test_vllm_serves_the_export_like_transformers(exported):
 
 def test_llama_cpp_serves_the_gguf_like_transformers(exported):
     _check_engine("llama.cpp", exported, 4)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_llama_cpp_runs_16_bit_ggufs(tmp_path, tiny_tokenizer, dtype):
+    require_engine("llama.cpp")
+    model = shrink(make_serving_model(), TINY_PLAN)
+    export_model(model, tiny_tokenizer, "gguf", tmp_path / dtype, dtype=dtype)
+    prompt = [5, 17, 33, 2, 99]
+    result = run_engine("llama.cpp", {"models": [{"path": str(tmp_path / dtype / "model.gguf"), "prompts": [prompt],
+                                                  "max_tokens": MAX_TOKENS}]})
+    got = result[0]["result"]["sequences"][0]
+    ref = _reference(model, [prompt])[0]
+    # 16-bit weights: compare the tokens; log-probabilities only to the weights' precision.
+    assert got["tokens"][:4] == ref["tokens"][:4]
+    steps = zip(ref["rows"][:4], ref["tokens"], got["logprobs"])
+    assert max(abs(row[t].item() - lp) for row, t, lp in steps) < 0.1
