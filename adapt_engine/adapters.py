@@ -207,3 +207,26 @@ def count_params(*modules: nn.Module) -> int:
                 seen.add(id(p))
                 total += p.numel()
     return total
+
+
+# Serving export (adapt_engine/export.py) writes Llama-shaped layers (RMSNorm, SiLU-gated MLP, RoPE on every
+# layer, optional q/k/v/o and MLP biases): vLLM's DeciLM and llama.cpp's `deci`. What else a family does
+# has no place there, so those families are refused with the reason.
+SERVING_BLOCKERS: dict[str, str] = {
+    "qwen3": "per-head q/k RMSNorm", "gemma3_text": "per-head q/k RMSNorm, (1 + w) norms and GELU",
+    "exaone4": "per-head q/k RMSNorm and post-norms", "gemma": "(1 + w) RMSNorm, GELU and embedding scaling",
+    "gemma2": "(1 + w) RMSNorm, GELU, post-norms and logit soft-capping",
+    "granite": "embedding, residual, attention and logit multipliers", "olmo": "weightless LayerNorm and qkv clipping",
+    "smollm3": "layers without RoPE (NoPE)", "ministral": "per-layer sliding-window attention",
+    "ernie4_5": "interleaved RoPE",
+    # Llama-like, but not yet checked against both engines: refused rather than risk wrong output.
+    "helium": "layers not yet verified in vLLM and llama.cpp",
+    "seed_oss": "layers not yet verified in vLLM and llama.cpp",
+}
+
+
+def serving_blocker(config) -> str | None:
+    """Why a model of this config's family cannot be written as a DeciLM / llama.cpp `deci` model, or None."""
+    family = family_of(config).model_type
+    reason = SERVING_BLOCKERS.get(family)
+    return f"{family} models have {reason}" if reason else None

@@ -34,6 +34,7 @@ from torch import nn
 
 from . import settings as flags
 from .adapters import UnsupportedModelError, base_model_type
+from .engine_bench import ENGINE_CHOICES, run_engine_bench
 from .errors import AdaptEngineError, OutputPathError, UsageError
 from .flops import (
     ModelShape,
@@ -891,6 +892,12 @@ class BenchSettings:
     threads: int | None = flags.setting(None, type=_positive_int,
                                   help="torch CPU threads (default: torch's choice; stated in the output either way)")
     seed: int = flags.setting(0, help="seed of the random prompt token ids")
+    engine: str = flags.setting("hf", choices=ENGINE_CHOICES,
+                                help="hf: transformers generate (default); vllm / llama.cpp: export and time in that "
+                                "engine (set up with `bash scripts/setup_serving.sh`; see docs/export.md)")
+    concurrency: list[int] = flags.setting(default_factory=lambda: [1, 4, 16], type=_int_list,
+                                           help="vLLM: comma-separated numbers of requests submitted together "
+                                           "(default 1,4,16)")
 
     def validate(self) -> None:
         """UsageError for values that cannot work, before any model is loaded."""
@@ -959,6 +966,8 @@ def run_bench(args: argparse.Namespace | BenchSettings) -> int:
     Bad input (flags, models, output folder) is printed as one error line and gives exit code 2.
     """
     cfg = args if isinstance(args, BenchSettings) else from_args(BenchSettings, args)
+    if cfg.engine != "hf":  # timed in a serving engine: engine_bench.py
+        return run_engine_bench(cfg)
     try:
         cfg.validate()
         out = check_bench_output(cfg.output)

@@ -1,4 +1,4 @@
-"""`adapt-engine` command line: prune, eval, bench, accel.
+"""`adapt-engine` command line: prune, eval, bench, accel, export.
 
 Every flag is generated from the settings dataclasses (``settings.add_flags``); the settings validate
 themselves before any model is loaded. Errors the user can fix (:class:`AdaptEngineError`) are printed as
@@ -14,6 +14,7 @@ from .accel import AccelConfig, run_accel
 from .bench import BenchSettings, run_bench
 from .commands import EvalSettings, PruneRunSettings, run_eval, run_prune
 from .errors import AdaptEngineError
+from .export import ExportSettings, run_export
 from .settings import add_flags, from_args
 
 COMMANDS = {
@@ -21,6 +22,7 @@ COMMANDS = {
     "eval": (EvalSettings, "perplexity on held-out text (prints one JSON line)"),
     "bench": (BenchSettings, "latency of dense vs pruned models"),
     "accel": (AccelConfig, "Adapt-Accel: interleaved pruning and training"),
+    "export": (ExportSettings, "write a model for vLLM (DeciLM folder) or llama.cpp (GGUF)"),
 }
 
 
@@ -42,6 +44,8 @@ def _run(command: str, settings) -> int:
         return 0
     if command == "bench":
         return run_bench(settings)
+    if command == "export":
+        return run_export(settings)
     return run_accel(settings)
 
 

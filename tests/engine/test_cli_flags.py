@@ -13,8 +13,9 @@ from cli_spec import command_spec
 from adapt_engine.cli import build_parser
 
 FIXTURE = Path(__file__).parent / "data" / "cli_flags.json"
-# Flags added since the fixture was captured (issue 11: accel prints the measured speedup unless --no-bench).
-ADDED = {"prune": set(), "eval": set(), "bench": set(), "accel": {"--no-bench"}}
+# Flags added since the fixture was captured: issue 11 (accel prints the measured speedup unless --no-bench),
+# issue 12 (bench in a serving engine).
+ADDED = {"prune": set(), "eval": set(), "bench": {"--engine", "--concurrency"}, "accel": {"--no-bench"}}
 
 
 def _current() -> dict:
