@@ -19,3 +19,7 @@ __all__ = [
     "group_saliency_reference",
 ]
 from .adamw import adamw_step, adamw_step_reference  # noqa: E402, F401 - fused AdamW (kernels/adamw.py)
+
+# Fused linear + cross-entropy (kernels/linear_ce.py): the LM loss without the full logits.
+from .dispatch import linear_cross_entropy  # noqa: E402, F401
+from .linear_ce import linear_cross_entropy_reference, linear_cross_entropy_torch  # noqa: E402, F401
