@@ -39,6 +39,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=int, default=512)
     p.add_argument("--calib-seq-len", type=int, default=64)
     p.add_argument("--calib-batch-size", type=int, default=32, help="sequences per forward/backward")
+    p.add_argument("--calib-dtype", choices=("float32", "bfloat16", "auto"), default="float32",
+                   help="calibration forward/backward under bf16 autocast (fp32 weights, saliency); auto: where fast")
     p.add_argument("--eval-tokens", type=int, default=8192,
                    help="held-out tokens for before/after perplexity in the report (0 = skip)")
     p.add_argument("--seed", type=int, default=0)

@@ -21,6 +21,7 @@ from .allocation import (
 )
 from .groups import ATTENTION_MODES, GroupScores, LayerKeep, choose_attention_keep, choose_mlp_keep
 from .importance import (
+    CALIB_DTYPES,
     IMPORTANCES,
     SIMILARITIES,
     calibration_pass,
@@ -49,6 +50,7 @@ class PruneSettings:
     round_to: int = 1
     split: str = "saliency"
     calib_batch_size: int = 32
+    calib_dtype: str = "float32"
     seed: int = 0
 
     def validate(self) -> None:
@@ -64,6 +66,7 @@ class PruneSettings:
             (self.round_to >= 1, "--round-to must be a positive integer (1 = no rounding)"),
             (self.split in SPLITS, f"--split must be one of {SPLITS}"),
             (self.calib_batch_size >= 1, "--calib-batch-size must be at least 1"),
+            (self.calib_dtype in CALIB_DTYPES, f"--calib-dtype must be one of {CALIB_DTYPES}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -114,7 +117,7 @@ class AdaptPruner:
         if adaptive or gradient:
             raw, scores, loss = calibration_pass(
                 self.adapter, self.calib_ids, s.calib_batch_size,
-                s.similarity if adaptive else None, s.importance if gradient else None, progress,
+                s.similarity if adaptive else None, s.importance if gradient else None, progress, s.calib_dtype,
             )
         if s.importance == "magnitude":
             scores = magnitude_scores(self.adapter)
@@ -143,7 +146,7 @@ class AdaptPruner:
             raw, scores, loss = torch.zeros(len(self.adapter.layers), dtype=torch.float64), group_scores, None
         elif group_scores is not None:
             raw, _, loss = calibration_pass(self.adapter, self.calib_ids, s.calib_batch_size, s.similarity,
-                                            None, progress)
+                                            None, progress, s.calib_dtype)
             scores = group_scores
         else:
             raw, scores, loss = self._scores(progress)
