@@ -34,3 +34,21 @@ def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, reduction: s
     hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
     return linear_cross_entropy(hidden, head.weight, shifted_targets(input_ids), ignore_index=IGNORE_INDEX,
                                 reduction=reduction)
+
+
+def causal_lm_loss_through(forward_model: torch.nn.Module, model: torch.nn.Module,
+                           input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss through ``forward_model`` (e.g. a DDP wrapper of ``model``), fused where possible.
+
+    The wrapper's own forward runs (so its hooks do), asked for the hidden states and for the logits
+    of one position only; the fused kernel then takes the last hidden state and the LM head, and
+    backward gives the head (tied or not) its gradient when it requires one.
+    """
+    head = fused_lm_head(model)
+    if head is None:
+        return forward_model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+    from .kernels import linear_cross_entropy
+
+    out = forward_model(input_ids=input_ids, use_cache=False, logits_to_keep=1, output_hidden_states=True)
+    return linear_cross_entropy(out.hidden_states[-1], head.weight, shifted_targets(input_ids),
+                                ignore_index=IGNORE_INDEX)

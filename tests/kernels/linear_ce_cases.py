@@ -7,18 +7,18 @@ import torch.nn.functional as F
 
 # Worst error allowed, relative to the largest magnitude of the float64 truth (loss, grad wrt hidden,
 # grad wrt weight). fp32: products and sums rounded in fp32. bf16/fp16: the logits themselves are
-# rounded to the input dtype by the matmul (as in F.linear in that dtype), which moves a loss of a
-# few units by up to ~1 % (bf16, 8-bit mantissa) or ~0.1 % (fp16); the gradients are stored in the
-# input dtype too. test_tolerances_are_what_the_plain_path_reaches checks that the plain
-# F.cross_entropy(F.linear(h, W).float(), t) in the same dtype needs the same order of tolerance.
-TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+# rounded to the input dtype by the matmul (as in F.linear in that dtype) and the gradients are
+# stored in it. Worst errors reached over these cases (fused / plain F.cross_entropy(F.linear(h, W)
+# .float(), t) in the same dtype): fp32 2.8e-6 / 7.5e-7, bf16 8.0e-3 / 6.2e-3, fp16 8.5e-4 / 8.2e-4;
+# test_tolerances_are_what_the_plain_path_reaches keeps the 16-bit tolerances within 10x of that.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 # (lead shape of hidden, vocab, hidden size, chunk): one token; a vocab that is not a multiple of
 # anything; token counts that are not multiples of the chunk; the default chunk.
 CASES = [
     ((1,), 7, 5, None),
     ((3, 5), 1000, 16, 7),
-    ((2, 17), 4099, 33, 8),
+    ((2, 9), 2053, 24, 8),
     ((4, 9), 300, 24, None),
     ((13,), 65, 8, 1),
 ]
