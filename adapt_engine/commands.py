@@ -51,7 +51,8 @@ def run_prune(args) -> dict:
         importance=args.importance,
         similarity=args.similarity, attention=args.attention, round_to=args.round_to,
         split=args.split,
-        calib_batch_size=args.calib_batch_size, calib_dtype=args.calib_dtype, seed=args.seed,
+        calib_batch_size=args.calib_batch_size, calib_dtype=args.calib_dtype,
+        calib_micro_batch=args.calib_micro_batch, seed=args.seed,
     )
     settings.validate()
     torch.manual_seed(args.seed)

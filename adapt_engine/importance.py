@@ -141,8 +141,13 @@ class SaliencyCollector:
         self._signed = GroupScores.zeros(adapter, device=device) if metric == "vectorize" else None
         self._fisher: dict[nn.Parameter, torch.Tensor] = {}
         self._handles: list = []
+        # True while the micro-batches of one batch before its last run their backward: gradients
+        # are summed into .grad and scored once, so the scores are those of the whole batch.
+        self.accumulating = False
 
     def _hook(self, param: nn.Parameter) -> None:
+        if self.accumulating:  # a micro-batch that is not its batch's last: keep summing into .grad
+            return
         member = self.members[param]
         out = self.scores.bucket(member.layer, member.bucket)
         if self._signed is not None:
@@ -207,6 +212,7 @@ def calibration_pass(
     saliency_metric: str | None,
     progress=None,
     calib_dtype: str = "float32",
+    micro_batch_size: int | None = None,
 ) -> tuple[torch.Tensor | None, GroupScores | None, float]:
     """One pass over the calibration set: raw layer importances, gradient saliency, mean loss.
 
@@ -215,7 +221,11 @@ def calibration_pass(
     (so gradients arrive in fp32) and saliency and similarities still accumulate in fp32/fp64.
     The loss is fused with the LM head where the family allows (lm_loss.causal_lm_loss), so no
     batch × seq × vocab logits are held; each batch's gradients are reduced to group scores and
-    freed by the hooks, so peak memory is set by one batch, whatever the number of samples.
+    freed by the hooks, so peak memory does not grow with the number of samples.
+    ``micro_batch_size`` (< ``batch_size``) runs each batch as micro-batches whose gradients add up
+    in the prunable weights' ``.grad`` and are scored once per batch, so the scores are those of the
+    whole batch while the activations held are those of one micro-batch (the held gradients cost
+    one fp32 copy of the prunable weights).
     """
     model = adapter.model
     device = next(model.parameters()).device
@@ -233,17 +243,26 @@ def calibration_pass(
             stack.enter_context(collector.attached())
         else:
             stack.enter_context(torch.no_grad())
+        micro = min(batch_size, micro_batch_size or batch_size)
         for start in range(0, calib_ids.shape[0], batch_size):
-            ids = calib_ids[start:start + batch_size].to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                loss = causal_lm_loss(model, ids)
+            batch = calib_ids[start:start + batch_size]
+            rows = batch.shape[0]
+            batch_loss = 0.0
+            for m0 in range(0, rows, micro):
+                ids = batch[m0:m0 + micro].to(device)
+                weight = ids.shape[0] / rows  # equal-length rows: the batch mean is the weighted sum
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    loss = causal_lm_loss(model, ids)
+                if collector is not None:
+                    collector.accumulating = m0 + micro < rows
+                    (loss * weight if weight != 1.0 else loss).backward()
+                batch_loss += float(loss.detach()) * weight
             if collector is not None:
-                loss.backward()
                 collector.end_micro_batch()
-            total_loss += float(loss.detach())
+            total_loss += batch_loss
             batches += 1
             if progress is not None:
-                progress(ids.shape[0])
+                progress(rows)
     model.train(was_training)
     raw = sim.importance() if sim is not None else None
     return raw, (collector.scores if collector is not None else None), total_loss / max(batches, 1)

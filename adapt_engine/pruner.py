@@ -51,6 +51,7 @@ class PruneSettings:
     split: str = "saliency"
     calib_batch_size: int = 32
     calib_dtype: str = "float32"
+    calib_micro_batch: int | None = None
     seed: int = 0
 
     def validate(self) -> None:
@@ -67,6 +68,7 @@ class PruneSettings:
             (self.split in SPLITS, f"--split must be one of {SPLITS}"),
             (self.calib_batch_size >= 1, "--calib-batch-size must be at least 1"),
             (self.calib_dtype in CALIB_DTYPES, f"--calib-dtype must be one of {CALIB_DTYPES}"),
+            (self.calib_micro_batch is None or self.calib_micro_batch >= 1, "--calib-micro-batch must be at least 1"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -118,6 +120,7 @@ class AdaptPruner:
             raw, scores, loss = calibration_pass(
                 self.adapter, self.calib_ids, s.calib_batch_size,
                 s.similarity if adaptive else None, s.importance if gradient else None, progress, s.calib_dtype,
+                s.calib_micro_batch,
             )
         if s.importance == "magnitude":
             scores = magnitude_scores(self.adapter)
@@ -146,7 +149,7 @@ class AdaptPruner:
             raw, scores, loss = torch.zeros(len(self.adapter.layers), dtype=torch.float64), group_scores, None
         elif group_scores is not None:
             raw, _, loss = calibration_pass(self.adapter, self.calib_ids, s.calib_batch_size, s.similarity,
-                                            None, progress, s.calib_dtype)
+                                            None, progress, s.calib_dtype, s.calib_micro_batch)
             scores = group_scores
         else:
             raw, scores, loss = self._scores(progress)

@@ -53,6 +53,8 @@ from adapt_engine.cli import main
 t0 = time.perf_counter()
 code = main(sys.argv[1:])
 wall = time.perf_counter() - t0
+if code != 0:
+    sys.exit(code)
 out = sys.argv[sys.argv.index("--output") + 1]
 report = json.load(open(out + "/pruning_report.json"))
 steps = [h["seconds"] for h in report["history"]]
@@ -125,7 +127,7 @@ def summarize(results: list[dict]) -> list[dict]:
 def measure(baseline: Path | None, steps: int, samples: list[int], rss_steps: int, extra: list[str],
             workdir: Path) -> list[dict]:
     """The anchor run at 64 samples plus the peak-RSS sweep over calibration sizes."""
-    pairs = [("anchor", [*ANCHOR, "--steps", str(steps), "--calib-samples", "64", *extra])]
+    pairs = [("anchor", [*ANCHOR, "--steps", str(steps), "--calib-samples", "64", *extra])] if steps else []
     for n in samples:
         pairs.append((f"rss@{n}", [*ANCHOR, "--steps", str(rss_steps), "--calib-samples", str(n), *extra]))
     return summarize(run_pairs(pairs, baseline, workdir))
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry: run the measurements and print the table (and write --json)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--baseline", type=Path, default=None, help="another checkout (with .venv) to compare against")
-    p.add_argument("--steps", type=int, default=16, help="sub-steps of the anchor run (issue 13: 16)")
+    p.add_argument("--steps", type=int, default=16, help="sub-steps of the anchor run (issue 13: 16; 0: skip it)")
     p.add_argument("--samples", type=int, nargs="*", default=[64, 256, 512], help="calibration sizes for peak RSS")
     p.add_argument("--rss-steps", type=int, default=1, help="sub-steps of each peak-RSS run")
     p.add_argument("--json", type=Path, default=None, help="write the rows here too")
