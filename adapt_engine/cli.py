@@ -38,8 +38,8 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    "(default: built-in offline text, train split)")
     p.add_argument("--calib-samples", type=int, default=512)
     p.add_argument("--calib-seq-len", type=int, default=64)
-    p.add_argument("--calib-batch-size", type=int, default=32, help="sequences per forward/backward")
-    p.add_argument("--calib-micro-batch", type=int, default=None,
+    p.add_argument("--calib-batch-size", type=int, default=32, help="sequences per scored gradient")
+    p.add_argument("--calib-micro-batch", type=int, default=8,
                    help="sequences per forward/backward inside a batch (same scores, activations of one micro-batch)")
     p.add_argument("--calib-dtype", choices=("float32", "bfloat16", "auto"), default="float32",
                    help="calibration forward/backward under bf16 autocast (fp32 weights, saliency); auto: where fast")

@@ -51,7 +51,8 @@ class PruneSettings:
     split: str = "saliency"
     calib_batch_size: int = 32
     calib_dtype: str = "float32"
-    calib_micro_batch: int | None = None
+    # Activations of 8 sequences, not 32 (README: 3.1 vs 5.7 GB peak on SmolLM2); same scores.
+    calib_micro_batch: int | None = 8
     seed: int = 0
 
     def validate(self) -> None:
