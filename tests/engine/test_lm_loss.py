@@ -32,7 +32,7 @@ def test_training_loss_and_every_gradient_match_the_model_loss(family, gqa, thro
         else:
             loss = model(input_ids=_ids(), labels=_ids(), use_cache=False).loss
         loss.backward()
-        grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        grads.append((float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (loss_f, g_f), (loss_p, g_p) = grads
     assert abs(loss_f - loss_p) <= 1e-5 * loss_p
     assert fused_lm_head(make_tiny_model(family, gqa)).weight.requires_grad
