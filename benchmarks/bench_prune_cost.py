@@ -111,7 +111,8 @@ def summarize(results: list[dict]) -> list[dict]:
     by_run = {r["run"]: r for r in results}
     rows = []
     for r in results:
-        row = {k: r[k] for k in ("run", "wall_s", "peak_rss_mb", "step_s", "calib_s", "ppl_before", "ppl_after")}
+        row = {k: r[k] for k in ("run", "wall_s", "peak_rss_mb", "step_s", "calib_s", "ppl_before", "ppl_after",
+                                 "widths")}
         row["other_share"] = (r["step_s"] - r["calib_s"]) / r["step_s"] if r["step_s"] else None
         base = by_run.get(r["run"] + " baseline")
         if base is not None:
