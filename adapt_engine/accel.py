@@ -540,8 +540,10 @@ def train_one_step(run: AccelRun, state: AccelState, session: Session, windows: 
     lr = state.schedule.lr(pos["global_step"])
     t0 = time.perf_counter()
     try:
+        # FSDP2 may reshard the head before a loss computed outside its root forward: plain loss there.
         out = train_step(session.module, session.optimizer, batch, lr=lr, micro_batch=cfg.micro_batch,
-                         max_grad_norm=cfg.max_grad_norm, amp=run.amp, d=run.d)
+                         max_grad_norm=cfg.max_grad_norm, amp=run.amp, d=run.d,
+                         fused_loss_of=None if session.fsdp else state.model)
     except TrainingDivergedError as err:
         raise _diverged(run, state, err, lr) from None
     dt = time.perf_counter() - t0

@@ -197,6 +197,23 @@ class DecoderAdapter:
         return per
 
 
+def fused_lm_head(model: nn.Module) -> nn.Linear | None:
+    """The LM head when a supported model's logits are exactly ``lm_head(last hidden state)``, else None.
+
+    Then the loss can be fused with the head (kernels.linear_cross_entropy). Gemma 2/3 soft-cap
+    their logits and Granite divides them by ``logits_scaling``: those keep the model's own loss.
+    """
+    config = getattr(model, "config", None)
+    if config is None or base_model_type(config) not in FAMILIES or getattr(model, "model", None) is None:
+        return None
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_scaling", 1.0) not in (None, 1):
+        return None
+    return head
+
+
 def count_params(*modules: nn.Module) -> int:
     """Total parameter count of the modules, counting tied and shared weights once."""
     seen: set[int] = set()

@@ -7,6 +7,7 @@ import math
 import torch
 
 from .errors import UsageError
+from .lm_loss import causal_lm_loss
 
 
 @torch.no_grad()
@@ -41,11 +42,8 @@ def perplexity(model, ids: torch.Tensor, seq_len: int = 512, batch_size: int = 4
     batches += [w[None] for w in tail]
     for batch in batches:
         batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        nll += float(loss)
+        # Fused with the LM head where the family allows: batch × seq × vocab logits are never held.
+        nll += float(causal_lm_loss(model, batch, reduction="sum"))
         count += batch[:, 1:].numel()
     model.train(was_training)
     return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count}

@@ -22,6 +22,7 @@ from .allocation import (
 from .errors import UsageError
 from .groups import ATTENTION_MODES, GroupScores, LayerKeep, choose_attention_keep, choose_mlp_keep
 from .importance import (
+    CALIB_DTYPES,
     IMPORTANCES,
     SIMILARITIES,
     calibration_pass,
@@ -62,7 +63,13 @@ class PruneSettings:
     split: str = setting("saliency", choices=SPLITS,
                          help="inside a layer, remove attention units only where they are less salient than the MLP "
                          "channels they would spare (default), or give attention its proportional share")
-    calib_batch_size: int = setting(32, minimum=1, help="calibration sequences per forward/backward")
+    calib_batch_size: int = setting(32, minimum=1, help="calibration sequences per scored gradient")
+    # Activations of 8 sequences at a time, not 32 (README: peak RSS); the batch's scores are the same.
+    calib_micro_batch: int = setting(8, minimum=1, help="sequences per forward/backward inside a calibration batch "
+                                     "(same scores, activations of one micro-batch)")
+    calib_dtype: str = setting("float32", choices=CALIB_DTYPES,
+                               help="calibration forward/backward under bf16 autocast (fp32 weights and saliency); "
+                               "auto: bf16 where the device runs it fast")
     seed: int = setting(0, help="random seed (calibration sample, data order, random importance)")
 
     def validate(self) -> None:
@@ -118,7 +125,8 @@ class AdaptPruner:
         if adaptive or gradient:
             raw, scores, loss = calibration_pass(
                 self.adapter, self.calib_ids, s.calib_batch_size,
-                s.similarity if adaptive else None, s.importance if gradient else None, progress,
+                s.similarity if adaptive else None, s.importance if gradient else None, progress, s.calib_dtype,
+                s.calib_micro_batch,
             )
         if s.importance == "magnitude":
             scores = magnitude_scores(self.adapter)
@@ -147,7 +155,7 @@ class AdaptPruner:
             raw, scores, loss = torch.zeros(len(self.adapter.layers), dtype=torch.float64), group_scores, None
         elif group_scores is not None:
             raw, _, loss = calibration_pass(self.adapter, self.calib_ids, s.calib_batch_size, s.similarity,
-                                            None, progress)
+                                            None, progress, s.calib_dtype, s.calib_micro_batch)
             scores = group_scores
         else:
             raw, scores, loss = self._scores(progress)

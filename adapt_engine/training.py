@@ -10,6 +10,7 @@ import torch
 
 from .distributed import Dist, rank_share
 from .errors import AdaptEngineError, UsageError
+from .lm_loss import causal_lm_loss_through
 
 SINGLE = Dist(0, 1, torch.device("cpu"), owns_group=False)  # one process; its device is unused
 
@@ -38,9 +39,12 @@ def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
 
 def train_step(
     train_model, optimizer, batch: torch.Tensor, *, lr: float, micro_batch: int, max_grad_norm: float,
-    amp: torch.dtype | None = None, d: Dist = SINGLE,
+    amp: torch.dtype | None = None, d: Dist = SINGLE, fused_loss_of: torch.nn.Module | None = None,
 ) -> dict:
     """Forward/backward over one global batch in micro-batches, clip, AdamW. Returns loss and grad norm.
+
+    With ``fused_loss_of`` (the unwrapped model of ``train_model``) the loss is fused with its LM head
+    (kernels.linear_cross_entropy: no batch x seq x vocab logits, the head still gets its gradient).
 
     Each micro-batch's mean loss is weighted by its share of the predicted tokens of the *global* batch
     (times the world size, as DDP and FSDP average gradients over ranks), so the summed gradient equals that of
@@ -69,7 +73,10 @@ def train_step(
             ctx = train_model.no_sync()
         with ctx:
             with torch.autocast(d.device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
-                loss = train_model(input_ids=ids, labels=ids, use_cache=False).loss
+                if fused_loss_of is not None:
+                    loss = causal_lm_loss_through(train_model, fused_loss_of, ids)
+                else:
+                    loss = train_model(input_ids=ids, labels=ids, use_cache=False).loss
             (loss * weight).backward()
         loss_sum += float(loss.detach()) * weight / d.world
     # Decide on NaN/inf from values every rank shares (the summed loss, the all-reduced gradients' norm),

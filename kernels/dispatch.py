@@ -20,6 +20,7 @@ import torch
 from .adamw import adamw_step_reference
 from .cpu_extension import load_cpu_kernels
 from .gather import gather_channels_with, gather_inplace_reference
+from .linear_ce import ce_rows_torch, run_linear_cross_entropy
 from .saliency import (
     METRIC_IDS,
     SaliencyArgs,
@@ -144,3 +145,25 @@ def adamw_step(
         fn = adamw_step_triton
     fn(params, grads, exp_avgs, exp_avg_sqs, step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
        weight_decay=weight_decay)
+# -- fused linear + cross-entropy (kernels/linear_ce.py) -------------------------------------------
+def _ce_rows_for(tensor: torch.Tensor):
+    """Row kernel of the fused loss: Triton on CUDA when installed, else plain torch (CPU: see docs/kernels.md)."""
+    if tensor.device.type == "cuda" and triton_available():
+        from .linear_ce_triton import ce_rows_triton
+
+        return ce_rows_triton
+    return ce_rows_torch
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """F.cross_entropy(F.linear(hidden, weight), targets) in token chunks, never holding all the logits."""
+    return run_linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, chunk, _ce_rows_for(hidden))
+

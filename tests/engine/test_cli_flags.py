@@ -14,8 +14,9 @@ from adapt_engine.cli import build_parser
 
 FIXTURE = Path(__file__).parent / "data" / "cli_flags.json"
 # Flags added since the fixture was captured: issue 11 (accel prints the measured speedup unless --no-bench),
-# issue 12 (bench in a serving engine).
-ADDED = {"prune": set(), "eval": set(), "bench": {"--engine", "--concurrency"}, "accel": {"--no-bench"}}
+# issue 12 (bench in a serving engine), issue 13 (calibration micro-batches and dtype).
+CALIB = {"--calib-micro-batch", "--calib-dtype"}
+ADDED = {"prune": CALIB, "eval": set(), "bench": {"--engine", "--concurrency"}, "accel": {"--no-bench"} | CALIB}
 
 
 def _current() -> dict:

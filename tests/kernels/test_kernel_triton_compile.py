@@ -17,10 +17,10 @@ triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("compilation is meaningless under TRITON_INTERPRET=1", allow_module_level=True)
 
-from adapt_engine.kernels import adamw_triton, gather_triton, saliency_triton  # noqa: E402
+from adapt_engine.kernels import adamw_triton, gather_triton, linear_ce_triton, saliency_triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-VARIANTS = [v for mod in (saliency_triton, gather_triton, adamw_triton) for v in mod.aot_variants()]
+VARIANTS = [v for mod in (saliency_triton, gather_triton, adamw_triton, linear_ce_triton) for v in mod.aot_variants()]
 ARCHS = (80, 90)
 
 
