@@ -18,10 +18,11 @@ pytest.importorskip("triton")
 HERE = Path(__file__).resolve().parent
 
 
-def test_triton_kernels_under_interpreter():
+# saliency, gather and AdamW kernels; the fused linear + cross-entropy kernel
+@pytest.mark.parametrize("cases", ["interpret_triton_cases.py", "interpret_linear_ce_cases.py"])
+def test_triton_kernels_under_interpreter(cases):
     env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-           str(HERE / "interpret_triton_cases.py")]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", str(HERE / cases)]
     proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, f"interpreter tests failed:\n{tail}"
