@@ -34,6 +34,19 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="inside a layer, remove attention units only where they are less salient than the MLP "
                    "channels they would spare (default), or give attention its proportional share")
     p.add_argument("--round-to", type=int, default=1, help="make every MLP width a multiple of K")
+    p.add_argument("--compensate", choices=("none", "bias", "lstsq"), default="none",
+                   help="after each cut, refit down_proj/o_proj's kept columns by ridge least squares on the "
+                   "calibration activations (lstsq), add the removed channels' mean output to their bias (bias, "
+                   "models with o/down biases only), or nothing (none, default)")
+    p.add_argument("--compensate-damp", type=float, default=0.01,
+                   help="ridge of --compensate lstsq, relative to the mean diagonal of the kept channels' Gram "
+                   "matrix (default 0.01; larger = closer to plain removal)")
+    p.add_argument("--calib-resample", action=argparse.BooleanOptionalAction, default=False,
+                   help="draw fresh calibration windows at every sub-step (as the authors' code does) instead of "
+                   "reusing one fixed set (--no-calib-resample, default)")
+    p.add_argument("--importance-scale", choices=("max", "robust", "rank"), default="max",
+                   help="layer-importance normalisation: divide by max |I| (max, the paper's), median/MAD with "
+                   "outliers clipped (robust), or evenly spaced ranks (rank); see docs/quality.md")
     p.add_argument("--calib-data", default=None, help=".txt/.jsonl/.parquet file or folder, or a datasets name "
                    "(default: built-in offline text, train split)")
     p.add_argument("--calib-samples", type=int, default=512)

@@ -52,6 +52,8 @@ def run_prune(args) -> dict:
         similarity=args.similarity, attention=args.attention, round_to=args.round_to,
         split=args.split,
         calib_batch_size=args.calib_batch_size, seed=args.seed,
+        compensate=args.compensate, compensate_damp=args.compensate_damp, calib_resample=args.calib_resample,
+        importance_scale=args.importance_scale,
     )
     settings.validate()
     torch.manual_seed(args.seed)
@@ -62,18 +64,23 @@ def run_prune(args) -> dict:
     print(f"loading model {args.model or 'SmolLM2-135M-Instruct (built-in default)'} ...", file=sys.stderr)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     adapter = DecoderAdapter(model)
-    calib = None
-    needs_data = args.importance in ("taylor", "vectorize", "param_mix") or args.allocation == "adaptive"
+    calib, sampler = None, None
+    needs_data = (args.importance in ("taylor", "vectorize", "param_mix") or args.allocation == "adaptive"
+                  or settings.compensate != "none")
     if needs_data:
         ids = tokenize_text(tokenizer, load_text(args.calib_data, "train"))
         calib = sample_windows(ids, args.calib_samples, args.calib_seq_len, seed=args.seed)
+
+        def sampler(step: int) -> torch.Tensor:
+            # Sub-step i draws with seed + i: fresh windows every sub-step, still reproducible.
+            return sample_windows(ids, args.calib_samples, args.calib_seq_len, seed=args.seed + step)
     eval_ids = None
     report: dict = {}
     if args.eval_tokens > 0:
         eval_ids = heldout_ids(tokenizer, None, args.calib_data)[: args.eval_tokens]
         before = perplexity(model, eval_ids, seq_len=min(512, args.eval_tokens), batch_size=4)
         report.update(ppl_before=before["ppl"])
-    pruner = AdaptPruner(model, settings, calib)
+    pruner = AdaptPruner(model, settings, calib, calib_sampler=sampler)
     target = args.target_params if args.target_params is not None else pruner.target_from_sparsity(args.sparsity)
     widths_before = [asdict(s) for s in adapter.shapes()]
     layer_params_before = _layer_params(adapter)

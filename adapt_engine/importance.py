@@ -179,10 +179,13 @@ def calibration_pass(
     similarity: str | None,
     saliency_metric: str | None,
     progress=None,
+    observers: tuple = (),
 ) -> tuple[torch.Tensor | None, GroupScores | None, float]:
     """One pass over the calibration set: raw layer importances, gradient saliency, mean loss.
 
     ``similarity=None`` skips layer importance; ``saliency_metric=None`` skips the backward pass.
+    ``observers`` are extra hook holders (``.attached()`` context managers, e.g. compensation statistics)
+    that watch the same forward pass.
     """
     model = adapter.model
     device = next(model.parameters()).device
@@ -196,7 +199,9 @@ def calibration_pass(
             stack.enter_context(sim.attached())
         if collector is not None:
             stack.enter_context(collector.attached())
-        else:
+        for observer in observers:
+            stack.enter_context(observer.attached())
+        if collector is None:
             stack.enter_context(torch.no_grad())
         for start in range(0, calib_ids.shape[0], batch_size):
             ids = calib_ids[start:start + batch_size].to(device)

@@ -19,15 +19,16 @@ from .allocation import (
     plan_budgets,
     step_targets,
 )
+from .compensation import COMPENSATIONS, InputStatistics, check_compensation, compensate_plan
 from .groups import ATTENTION_MODES, GroupScores, LayerKeep, choose_attention_keep, choose_mlp_keep
 from .importance import (
     IMPORTANCES,
     SIMILARITIES,
     calibration_pass,
     magnitude_scores,
-    normalize_importance,
     random_scores,
 )
+from .importance_scale import IMPORTANCE_SCALES, scale_importance
 from .surgery import apply_plan
 
 __all__ = ["PruneSettings", "AdaptPruner", "count_params"]
@@ -50,6 +51,11 @@ class PruneSettings:
     split: str = "saliency"
     calib_batch_size: int = 32
     seed: int = 0
+    # Issue-18 quality levers (docs/quality.md has the ablation that chose these defaults).
+    compensate: str = "none"
+    compensate_damp: float = 0.01
+    calib_resample: bool = False
+    importance_scale: str = "max"
 
     def validate(self) -> None:
         """Raise a clear error for any out-of-range setting."""
@@ -64,6 +70,9 @@ class PruneSettings:
             (self.round_to >= 1, "--round-to must be a positive integer (1 = no rounding)"),
             (self.split in SPLITS, f"--split must be one of {SPLITS}"),
             (self.calib_batch_size >= 1, "--calib-batch-size must be at least 1"),
+            (self.compensate in COMPENSATIONS, f"--compensate must be one of {COMPENSATIONS}"),
+            (self.compensate_damp >= 0.0, "--compensate-damp must be >= 0 (ridge relative to the mean Gram diagonal)"),
+            (self.importance_scale in IMPORTANCE_SCALES, f"--importance-scale must be one of {IMPORTANCE_SCALES}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -73,12 +82,19 @@ class PruneSettings:
 class AdaptPruner:
     """Prunes a model in place towards parameter targets, one Algorithm-1 sub-step at a time."""
 
-    def __init__(self, model, settings: PruneSettings, calib_ids: torch.Tensor | None):
+    def __init__(self, model, settings: PruneSettings, calib_ids: torch.Tensor | None,
+                 calib_sampler: Callable[[int], torch.Tensor] | None = None):
+        """``calib_sampler(i)`` gives sub-step i's calibration windows under ``calib_resample``
+        (sub-step 0 uses ``calib_ids``)."""
         settings.validate()
         self.model = model
         self.settings = settings
         self.adapter = DecoderAdapter(model)
         self.calib_ids = calib_ids
+        self.calib_sampler = calib_sampler
+        if settings.calib_resample and calib_sampler is None:
+            raise ValueError("calib_resample needs a calib_sampler that draws fresh windows for each sub-step")
+        check_compensation(self.adapter, settings.compensate, settings.compensate_damp)
         self.original_shapes = self.adapter.shapes()
         self.original_prunable = self.adapter.prunable_params()
         self.original_total = count_params(model)
@@ -90,7 +106,8 @@ class AdaptPruner:
         # the overall sparsity they were last moved to (relative to the original prunable parameters).
         self.layer_sparsity: torch.Tensor | None = None
         self.overall_sparsity = 0.0
-        needs_data = settings.importance in ("taylor", "vectorize", "param_mix") or settings.allocation == "adaptive"
+        needs_data = (settings.importance in ("taylor", "vectorize", "param_mix") or settings.allocation == "adaptive"
+                      or settings.compensate != "none")
         if needs_data and (calib_ids is None or calib_ids.numel() == 0):
             raise ValueError("this importance/allocation needs calibration data; pass calib_ids")
 
@@ -106,15 +123,16 @@ class AdaptPruner:
             total += min(step, s.intermediate_size) * a.params_per_channel(j)
         return total
 
-    def _scores(self, progress: Callable[[int], None] | None) -> tuple[torch.Tensor, GroupScores, float | None]:
+    def _scores(self, progress: Callable[[int], None] | None,
+                observers: tuple = ()) -> tuple[torch.Tensor, GroupScores, float | None]:
         s = self.settings
         adaptive = s.allocation == "adaptive"
         gradient = s.importance in ("taylor", "vectorize", "param_mix")
         raw, scores, loss = None, None, None
-        if adaptive or gradient:
+        if adaptive or gradient or observers:
             raw, scores, loss = calibration_pass(
                 self.adapter, self.calib_ids, s.calib_batch_size,
-                s.similarity if adaptive else None, s.importance if gradient else None, progress,
+                s.similarity if adaptive else None, s.importance if gradient else None, progress, observers,
             )
         if s.importance == "magnitude":
             scores = magnitude_scores(self.adapter)
@@ -139,19 +157,27 @@ class AdaptPruner:
         """One sub-step: score, allocate per-layer widths for ``target_params`` total, cut. Returns a record."""
         t0 = time.perf_counter()
         s = self.settings
-        if group_scores is not None and s.allocation == "uniform":
-            raw, scores, loss = torch.zeros(len(self.adapter.layers), dtype=torch.float64), group_scores, None
-        elif group_scores is not None:
-            raw, _, loss = calibration_pass(self.adapter, self.calib_ids, s.calib_batch_size, s.similarity,
-                                            None, progress)
+        if s.calib_resample and self.history:
+            self.calib_ids = self.calib_sampler(len(self.history))
+        stats = InputStatistics(self.adapter, s.compensate) if s.compensate != "none" else None
+        observers = (stats,) if stats is not None else ()
+        if group_scores is not None and (s.allocation == "adaptive" or observers):
+            raw, _, loss = calibration_pass(self.adapter, self.calib_ids, s.calib_batch_size,
+                                            s.similarity if s.allocation == "adaptive" else None, None, progress,
+                                            observers)
+            if raw is None:
+                raw = torch.zeros(len(self.adapter.layers), dtype=torch.float64)
             scores = group_scores
+        elif group_scores is not None:
+            raw, scores, loss = torch.zeros(len(self.adapter.layers), dtype=torch.float64), group_scores, None
         else:
-            raw, scores, loss = self._scores(progress)
+            raw, scores, loss = self._scores(progress, observers)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             raw = raw.to(next(self.model.parameters()).device, torch.float64)
             torch.distributed.all_reduce(raw)
             raw = raw.cpu() / torch.distributed.get_world_size()
-        importance = normalize_importance(raw.float()) if s.allocation == "adaptive" else torch.zeros(len(raw))
+        adaptive = s.allocation == "adaptive"
+        importance = scale_importance(raw.float(), s.importance_scale) if adaptive else torch.zeros(len(raw))
         amplitude = s.amplitude if s.allocation == "adaptive" else 0.0
         target_prunable = max(0, target_params - self.fixed_params)
         s_cur = 1.0 - target_prunable / self.original_prunable
@@ -182,6 +208,8 @@ class AdaptPruner:
             if new.intermediate_size < cur.intermediate_size:
                 keep.mlp = choose_mlp_keep(scores.mlp[j], new.intermediate_size)
             plan.append(keep)
+        if stats is not None:
+            compensate_plan(self.adapter, plan, stats, s.compensate_damp)
         apply_plan(self.adapter, plan, optimizer)
         record = {
             "target_params": int(target_params),
