@@ -34,10 +34,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                    help="inside a layer, remove attention units only where they are less salient than the MLP "
                    "channels they would spare (default), or give attention its proportional share")
     p.add_argument("--round-to", type=int, default=1, help="make every MLP width a multiple of K")
-    p.add_argument("--compensate", choices=("none", "bias", "lstsq"), default="none",
+    p.add_argument("--compensate", choices=("none", "bias", "lstsq"), default="lstsq",
                    help="after each cut, refit down_proj/o_proj's kept columns by ridge least squares on the "
-                   "calibration activations (lstsq), add the removed channels' mean output to their bias (bias, "
-                   "models with o/down biases only), or nothing (none, default)")
+                   "calibration activations (lstsq, default), add the removed channels' mean output to their bias "
+                   "(bias, models with o/down biases only), or nothing (none, the paper's)")
     p.add_argument("--compensate-damp", type=float, default=0.01,
                    help="ridge of --compensate lstsq, relative to the mean diagonal of the kept channels' Gram "
                    "matrix (default 0.01; larger = closer to plain removal)")

@@ -85,6 +85,19 @@ class InputStatistics:
 
         return hook
 
+    def reduce_across_ranks(self) -> None:
+        """Sum the statistics over torchrun ranks (each saw its own calibration shard), so all ranks refit alike."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        for store in (self.mlp, self.attn):
+            for t in store:
+                if t is not None:
+                    torch.distributed.all_reduce(t)
+        device = next((t.device for t in self.mlp if t is not None), torch.device("cpu"))
+        tokens = torch.tensor([float(self.tokens)], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(tokens)
+        self.tokens = int(tokens.item())
+
     @contextlib.contextmanager
     def attached(self) -> Iterator[InputStatistics]:
         """Forward pre-hooks on every down_proj and o_proj while inside the block."""

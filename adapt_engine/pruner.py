@@ -52,7 +52,7 @@ class PruneSettings:
     calib_batch_size: int = 32
     seed: int = 0
     # Issue-18 quality levers (docs/quality.md has the ablation that chose these defaults).
-    compensate: str = "none"
+    compensate: str = "lstsq"
     compensate_damp: float = 0.01
     calib_resample: bool = False
     importance_scale: str = "max"
@@ -109,7 +109,8 @@ class AdaptPruner:
         needs_data = (settings.importance in ("taylor", "vectorize", "param_mix") or settings.allocation == "adaptive"
                       or settings.compensate != "none")
         if needs_data and (calib_ids is None or calib_ids.numel() == 0):
-            raise ValueError("this importance/allocation needs calibration data; pass calib_ids")
+            raise ValueError("this importance/allocation/compensation needs calibration data; pass calib_ids "
+                             "(or use compensate='none' with magnitude/random importance and uniform allocation)")
 
     def min_params(self) -> int:
         """Smallest reachable size: one attention unit and one MLP channel (or round_to) per layer."""
@@ -209,6 +210,7 @@ class AdaptPruner:
                 keep.mlp = choose_mlp_keep(scores.mlp[j], new.intermediate_size)
             plan.append(keep)
         if stats is not None:
+            stats.reduce_across_ranks()
             compensate_plan(self.adapter, plan, stats, s.compensate_damp)
         apply_plan(self.adapter, plan, optimizer)
         record = {

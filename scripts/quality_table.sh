@@ -3,7 +3,7 @@
 # vs each quality lever alone vs all together, calibrated on the built-in train split (pydoc topics) and
 # scored on text neither side calibrates on (stdlib docstrings, scripts/stdlib_docstrings.py).
 # Usage: bash scripts/quality_table.sh OUT_DIR SIZE... (SIZE = target:<params>:<steps> or sparsity:<s>:<steps>)
-#   CONFIGS="base=|lstsq=--compensate lstsq|..." overrides the configurations (name=flags, '|'-separated).
+#   CONFIGS="base=$BASE|lstsq=--compensate lstsq|..." overrides the configurations (name=flags, '|'-separated).
 set -euo pipefail
 OUT="$1"; shift
 PY="${PY:-.venv/bin/python}"
@@ -13,7 +13,13 @@ mkdir -p "$OUT"
 TEXT="$OUT/stdlib_docstrings.txt"
 [ -f "$TEXT" ] || "$PY" scripts/stdlib_docstrings.py "$TEXT"
 RESULTS="$OUT/results.jsonl"
-CONFIGS="${CONFIGS:-base=|lstsq=--compensate lstsq|resample=--calib-resample|robust=--importance-scale robust|rank=--importance-scale rank|all=--compensate lstsq --calib-resample --importance-scale robust}"
+# "base" is the pre-issue-18 behaviour; each lever alone is measured against it, "defaults" is today's defaults.
+BASE="--compensate none --no-calib-resample --importance-scale max"
+CONFIGS="${CONFIGS:-base=$BASE|lstsq=--compensate lstsq --no-calib-resample --importance-scale max\
+|resample=--compensate none --calib-resample --importance-scale max\
+|robust=--compensate none --no-calib-resample --importance-scale robust\
+|rank=--compensate none --no-calib-resample --importance-scale rank\
+|all=--compensate lstsq --calib-resample --importance-scale robust|defaults=}"
 evaluate() {  # name, model dir (empty = dense), prune flags
   local model_flag=(); [ -n "$2" ] && model_flag=(--model "$2")
   "$PY" -m adapt_engine.cli eval "${model_flag[@]}" --data "$TEXT" --seq-len 512 --max-tokens "$EVAL_TOKENS" \
