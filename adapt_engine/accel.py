@@ -624,6 +624,8 @@ def run(cfg: AccelConfig, on_step: Callable[[dict], None] | None = None) -> Acce
             layer_update=cfg.layer_update, importance=cfg.importance, similarity=cfg.similarity,
             attention=cfg.attention, round_to=cfg.round_to,
             split=cfg.split, calib_batch_size=cfg.calib_batch_size, seed=cfg.seed,
+            # Weight compensation was measured for `prune` only (docs/quality.md); accel recovers by training.
+            compensate="none",
         )
         pruner = AdaptPruner(model, settings, calib_mine)
         if state is not None:  # the checkpoint's model is already pruned: restore the original accounting

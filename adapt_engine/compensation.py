@@ -16,10 +16,10 @@ so this is a least-squares problem on the calibration activations X (one row per
   one is refused (adding a bias would change the architecture and the parameter count).
 
 Statistics come from the same calibration forward pass as the saliency: forward pre-hooks on every
-``down_proj`` and ``o_proj`` add ``XᵀX`` of each micro-batch (a float32 GEMM into float32
-accumulators; the solve is in float64). Memory: ``4·(intermediate² + (heads·head_dim)²)`` bytes per
-layer — 323 MB for SmolLM2-135M (30 × (1536² + 576²) × 4 B), freed after the cut. ``bias`` keeps only
-the per-input sums.
+``down_proj`` and ``o_proj`` add ``XᵀX`` of each micro-batch (a float32 GEMM, added into float64
+accumulators so the sum does not depend on how micro-batches are split across ranks; the solve is in
+float64). Memory: ``8·(intermediate² + (heads·head_dim)²)`` bytes per layer — 646 MB for SmolLM2-135M
+(30 × (1536² + 576²) × 8 B), freed after the cut. ``bias`` keeps only the per-input sums.
 """
 
 from __future__ import annotations
@@ -79,6 +79,9 @@ class InputStatistics:
                     stat = x.T @ x
                 else:
                     stat = x.sum(0)
+                # float64 accumulators: the sum is then independent of how micro-batches are split across
+                # ranks to well below what the solve amplifies (float32 sums differed by 3e-3 in the logits).
+                stat = stat.double()
                 store[index] = stat if store[index] is None else store[index].add_(stat)
                 if count:
                     self.tokens += x.shape[0]
