@@ -95,13 +95,17 @@ def run_prune(cfg: PruneRunSettings) -> RunReport:
     print(f"loading model {cfg.loading.model_name} ...", file=sys.stderr)
     model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     adapter = DecoderAdapter(model)
-    calib = None
+    calib, sampler = None, None
     if cfg.prune.needs_calibration:
         ids = tokenize_text(tokenizer, load_text(cfg.calib_data, "train"))
         calib = sample_windows(ids, cfg.calib_samples, cfg.calib_seq_len, seed=cfg.seed)
+
+        def sampler(step: int) -> torch.Tensor:
+            # --calib-resample: sub-step i draws with seed + i, fresh windows that are still reproducible.
+            return sample_windows(ids, cfg.calib_samples, cfg.calib_seq_len, seed=cfg.seed + step)
     eval_ids = heldout_ids(tokenizer, None, cfg.calib_data)[: cfg.eval_tokens] if cfg.eval_tokens > 0 else None
     before = _heldout_ppl(model, eval_ids, cfg.eval_tokens)
-    pruner = AdaptPruner(model, cfg.prune, calib)
+    pruner = AdaptPruner(model, cfg.prune, calib, calib_sampler=sampler)
     target = cfg.target_params if cfg.target_params is not None else pruner.target_from_sparsity(cfg.sparsity)
     widths_before = [asdict(s) for s in adapter.shapes()]
     details = {"layer_params_before": _layer_params(adapter), "prunable_before": adapter.prunable_params()}

@@ -213,6 +213,7 @@ def calibration_pass(
     progress=None,
     calib_dtype: str = "float32",
     micro_batch_size: int | None = None,
+    observers: tuple = (),
 ) -> tuple[torch.Tensor | None, GroupScores | None, float]:
     """One pass over the calibration set: raw layer importances, gradient saliency, mean loss.
 
@@ -226,6 +227,8 @@ def calibration_pass(
     in the prunable weights' ``.grad`` and are scored once per batch, so the scores are those of the
     whole batch while the activations held are those of one micro-batch (the held gradients cost
     one fp32 copy of the prunable weights).
+    ``observers`` are extra hook holders (``.attached()`` context managers, e.g. compensation statistics)
+    that watch the same forward pass.
     """
     model = adapter.model
     device = next(model.parameters()).device
@@ -241,7 +244,9 @@ def calibration_pass(
             stack.enter_context(sim.attached())
         if collector is not None:
             stack.enter_context(collector.attached())
-        else:
+        for observer in observers:
+            stack.enter_context(observer.attached())
+        if collector is None:
             stack.enter_context(torch.no_grad())
         micro = min(batch_size, micro_batch_size or batch_size)
         for start in range(0, calib_ids.shape[0], batch_size):

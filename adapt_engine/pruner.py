@@ -19,6 +19,7 @@ from .allocation import (
     plan_budgets,
     step_targets,
 )
+from .compensation import COMPENSATIONS, InputStatistics, check_compensation, compensate_plan
 from .errors import UsageError
 from .groups import ATTENTION_MODES, GroupScores, LayerKeep, choose_attention_keep, choose_mlp_keep
 from .importance import (
@@ -27,9 +28,9 @@ from .importance import (
     SIMILARITIES,
     calibration_pass,
     magnitude_scores,
-    normalize_importance,
     random_scores,
 )
+from .importance_scale import IMPORTANCE_SCALES, scale_importance
 from .settings import check_bounds, setting
 from .surgery import apply_plan
 
@@ -71,6 +72,17 @@ class PruneSettings:
                                help="calibration forward/backward under bf16 autocast (fp32 weights and saliency); "
                                "auto: bf16 where the device runs it fast")
     seed: int = setting(0, help="random seed (calibration sample, data order, random importance)")
+    # Issue-18 quality levers (docs/quality.md has the ablation that chose these defaults).
+    compensate: str = setting("lstsq", choices=COMPENSATIONS,
+                              help="after each cut, refit the kept columns of o_proj/down_proj by ridge least squares "
+                              "on the calibration activations (lstsq, default), FLAP-style bias compensation (bias: "
+                              "models with o/down biases only), or plain removal (none)")
+    compensate_damp: float = setting(0.01, minimum=0.0,
+                                     help="ridge of --compensate lstsq, relative to the mean Gram diagonal")
+    calib_resample: bool = setting(False, help="draw fresh calibration windows every sub-step (seed + sub-step)")
+    importance_scale: str = setting("max", choices=IMPORTANCE_SCALES,
+                                    help="layer-importance normalisation: divide by max |I| (paper), robust "
+                                    "(median/MAD, clipped) or rank")
 
     def validate(self) -> None:
         """Raise UsageError naming the flag for any out-of-range setting."""
@@ -79,18 +91,25 @@ class PruneSettings:
     @property
     def needs_calibration(self) -> bool:
         """Whether these settings read calibration data (gradient saliency or adaptive allocation)."""
-        return self.importance in GRADIENT_IMPORTANCES or self.allocation == "adaptive"
+        return self.importance in GRADIENT_IMPORTANCES or self.allocation == "adaptive" or self.compensate != "none"
 
 
 class AdaptPruner:
     """Prunes a model in place towards parameter targets, one Algorithm-1 sub-step at a time."""
 
-    def __init__(self, model, settings: PruneSettings, calib_ids: torch.Tensor | None):
+    def __init__(self, model, settings: PruneSettings, calib_ids: torch.Tensor | None,
+                 calib_sampler: Callable[[int], torch.Tensor] | None = None):
+        """``calib_sampler(i)`` gives sub-step i's calibration windows under ``calib_resample``
+        (sub-step 0 uses ``calib_ids``)."""
         settings.validate()
         self.model = model
         self.settings = settings
         self.adapter = DecoderAdapter(model)
         self.calib_ids = calib_ids
+        self.calib_sampler = calib_sampler
+        if settings.calib_resample and calib_sampler is None:
+            raise UsageError("calib_resample needs a calib_sampler that draws fresh windows for each sub-step")
+        check_compensation(self.adapter, settings.compensate, settings.compensate_damp)
         self.original_shapes = self.adapter.shapes()
         self.original_prunable = self.adapter.prunable_params()
         self.original_total = count_params(model)
@@ -103,7 +122,8 @@ class AdaptPruner:
         self.layer_sparsity: torch.Tensor | None = None
         self.overall_sparsity = 0.0
         if settings.needs_calibration and (calib_ids is None or calib_ids.numel() == 0):
-            raise UsageError("this importance/allocation needs calibration data; pass calib_ids")
+            raise UsageError("this importance/allocation/compensation needs calibration data; pass calib_ids "
+                             "(or use compensate='none' with magnitude/random importance and uniform allocation)")
 
     def min_params(self) -> int:
         """Smallest reachable size: one attention unit and one MLP channel (or round_to) per layer."""
@@ -117,16 +137,17 @@ class AdaptPruner:
             total += min(step, s.intermediate_size) * a.params_per_channel(j)
         return total
 
-    def _scores(self, progress: Callable[[int], None] | None) -> tuple[torch.Tensor, GroupScores, float | None]:
+    def _scores(self, progress: Callable[[int], None] | None,
+                observers: tuple = ()) -> tuple[torch.Tensor, GroupScores, float | None]:
         s = self.settings
         adaptive = s.allocation == "adaptive"
         gradient = s.importance in ("taylor", "vectorize", "param_mix")
         raw, scores, loss = None, None, None
-        if adaptive or gradient:
+        if adaptive or gradient or observers:
             raw, scores, loss = calibration_pass(
                 self.adapter, self.calib_ids, s.calib_batch_size,
-                s.similarity if adaptive else None, s.importance if gradient else None, progress, s.calib_dtype,
-                s.calib_micro_batch,
+                s.similarity if adaptive else None, s.importance if gradient else None, progress,
+                calib_dtype=s.calib_dtype, micro_batch_size=s.calib_micro_batch, observers=observers,
             )
         if s.importance == "magnitude":
             scores = magnitude_scores(self.adapter)
@@ -151,19 +172,28 @@ class AdaptPruner:
         """One sub-step: score, allocate per-layer widths for ``target_params`` total, cut. Returns a record."""
         t0 = time.perf_counter()
         s = self.settings
-        if group_scores is not None and s.allocation == "uniform":
-            raw, scores, loss = torch.zeros(len(self.adapter.layers), dtype=torch.float64), group_scores, None
-        elif group_scores is not None:
-            raw, _, loss = calibration_pass(self.adapter, self.calib_ids, s.calib_batch_size, s.similarity,
-                                            None, progress, s.calib_dtype, s.calib_micro_batch)
+        if s.calib_resample and self.history:
+            self.calib_ids = self.calib_sampler(len(self.history))
+        stats = InputStatistics(self.adapter, s.compensate) if s.compensate != "none" else None
+        observers = (stats,) if stats is not None else ()
+        if group_scores is not None and (s.allocation == "adaptive" or observers):
+            raw, _, loss = calibration_pass(self.adapter, self.calib_ids, s.calib_batch_size,
+                                            s.similarity if s.allocation == "adaptive" else None, None, progress,
+                                            calib_dtype=s.calib_dtype, micro_batch_size=s.calib_micro_batch,
+                                            observers=observers)
+            if raw is None:
+                raw = torch.zeros(len(self.adapter.layers), dtype=torch.float64)
             scores = group_scores
+        elif group_scores is not None:
+            raw, scores, loss = torch.zeros(len(self.adapter.layers), dtype=torch.float64), group_scores, None
         else:
-            raw, scores, loss = self._scores(progress)
+            raw, scores, loss = self._scores(progress, observers)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             raw = raw.to(next(self.model.parameters()).device, torch.float64)
             torch.distributed.all_reduce(raw)
             raw = raw.cpu() / torch.distributed.get_world_size()
-        importance = normalize_importance(raw.float()) if s.allocation == "adaptive" else torch.zeros(len(raw))
+        adaptive = s.allocation == "adaptive"
+        importance = scale_importance(raw.float(), s.importance_scale) if adaptive else torch.zeros(len(raw))
         amplitude = s.amplitude if s.allocation == "adaptive" else 0.0
         target_prunable = max(0, target_params - self.fixed_params)
         s_cur = 1.0 - target_prunable / self.original_prunable
@@ -194,6 +224,9 @@ class AdaptPruner:
             if new.intermediate_size < cur.intermediate_size:
                 keep.mlp = choose_mlp_keep(scores.mlp[j], new.intermediate_size)
             plan.append(keep)
+        if stats is not None:
+            stats.reduce_across_ranks()
+            compensate_plan(self.adapter, plan, stats, s.compensate_damp)
         apply_plan(self.adapter, plan, optimizer)
         record = {
             "target_params": int(target_params),

@@ -87,7 +87,8 @@ def test_pruner_state_dict_round_trip():
 
 def test_uniform_allocation_equal_widths():
     model = make_tiny_model("llama", True, layers=4)
-    pruner = AdaptPruner(model, PruneSettings(steps=2, allocation="uniform", importance="magnitude"), None)
+    pruner = AdaptPruner(model, PruneSettings(steps=2, allocation="uniform", importance="magnitude", compensate="none"),
+                         None)
     pruner.prune_to(pruner.target_from_sparsity(0.5))
     widths = {s.intermediate_size for s in DecoderAdapter(model).shapes()}
     assert max(widths) - min(widths) <= 1

@@ -1,0 +1,180 @@
+"""Weight compensation: exact when nothing is removed, never worse than plain removal, surgery stays exact."""
+
+import copy
+
+import pytest
+import torch
+from tiny_models import make_tiny_model
+from transformers import AutoModelForCausalLM
+
+from adapt_engine.adapters import DecoderAdapter, count_params
+from adapt_engine.compensation import InputStatistics, check_compensation, compensate_plan, refit_columns
+from adapt_engine.errors import UsageError
+from adapt_engine.groups import LayerKeep
+from adapt_engine.importance import calibration_pass
+from adapt_engine.pruner import AdaptPruner, PruneSettings
+from adapt_engine.saving import load_pruned, save_pruned
+from adapt_engine.surgery import apply_plan, zero_mask_layer
+
+
+def _calib(n=8, length=12, seed=0):
+    return torch.randint(0, 320, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _correlated_inputs(tokens=400, n=24, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, n // 2, generator=gen) @ torch.randn(n // 2, n, generator=gen) + 0.1 * torch.randn(
+        tokens, n, generator=gen)
+
+
+@pytest.mark.parametrize("damp", [0.0, 0.01, 1.0])
+def test_refit_with_nothing_removed_returns_the_same_weights(damp):
+    x = _correlated_inputs()
+    w = torch.randn(7, 24)
+    out = refit_columns(w, x.T @ x, torch.arange(24), damp)
+    assert torch.equal(out, w)
+
+
+@pytest.mark.parametrize("damp", [0.0, 0.001, 0.01, 0.1, 10.0])
+@pytest.mark.parametrize("seed", range(4))
+def test_refit_output_error_never_above_plain_removal(damp, seed):
+    x = _correlated_inputs(seed=seed)
+    gen = torch.Generator().manual_seed(seed + 10)
+    w = torch.randn(7, 24, generator=gen)
+    keep = torch.randperm(24, generator=gen)[: 10 + seed].sort().values
+    ref = x @ w.T
+    plain = (ref - x[:, keep] @ w[:, keep].T).square().sum()
+    refit = (ref - x[:, keep] @ refit_columns(w, x.T @ x, keep, damp).T).square().sum()
+    assert refit <= plain * (1 + 1e-6)
+    if damp <= 0.01:
+        assert refit < 0.5 * plain  # correlated inputs: the kept columns recover most of the loss
+
+
+def test_refit_with_zero_damp_is_the_least_squares_solution():
+    x = _correlated_inputs(tokens=300)
+    w = torch.randn(5, 24)
+    keep = torch.arange(0, 24, 2)
+    sol = torch.linalg.lstsq(x[:, keep].double(), (x @ w.T).double()).solution.T
+    torch.testing.assert_close(refit_columns(w, x.T @ x, keep, 0.0).double(), sol, rtol=1e-3, atol=1e-3)
+
+
+def _stats(model, method, calib):
+    adapter = DecoderAdapter(model)
+    stats = InputStatistics(adapter, method)
+    calibration_pass(adapter, calib, 4, None, None, observers=(stats,))
+    return stats
+
+
+def _plan(adapter, gen):
+    plan = []
+    for j in range(len(adapter.layers)):
+        s = adapter.layer_shape(j)
+        n_rep = s.num_heads // s.num_kv_heads
+        q = torch.cat([torch.randperm(n_rep, generator=gen)[:2].sort().values + g * n_rep
+                       for g in range(s.num_kv_heads)])
+        mlp = torch.randperm(s.intermediate_size, generator=gen)[: s.intermediate_size // 2].sort().values
+        plan.append(LayerKeep(q_heads=q, mlp=mlp))
+    return plan
+
+
+@pytest.mark.parametrize("family,method", [("llama", "lstsq"), ("qwen2", "lstsq"), ("llama-bias", "bias"),
+                                           ("llama-bias", "lstsq")])
+def test_pruned_logits_equal_masked_and_compensated_reference(family, method):
+    dense = make_tiny_model(family)
+    calib = _calib()
+    stats = _stats(dense, method, calib)
+    plan = _plan(DecoderAdapter(dense), torch.Generator().manual_seed(3))
+    pruned, reference = copy.deepcopy(dense), copy.deepcopy(dense)
+    compensate_plan(DecoderAdapter(pruned), plan, stats, 0.01)
+    apply_plan(DecoderAdapter(pruned), plan)
+    ref_adapter = DecoderAdapter(reference)
+    compensate_plan(ref_adapter, plan, stats, 0.01)
+    for j, keep in enumerate(plan):
+        zero_mask_layer(ref_adapter, j, keep)
+    x = torch.randint(0, 320, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x).logits, reference(x).logits, rtol=1e-5, atol=1e-5)
+        # compensation really changed something relative to plain masking
+        plain = copy.deepcopy(dense)
+        for j, keep in enumerate(plan):
+            zero_mask_layer(DecoderAdapter(plain), j, keep)
+        assert (plain(x).logits - pruned(x).logits).abs().max() > 1e-4
+
+
+def _layer_io(model, calib):
+    """Inputs of every down_proj and o_proj on the calibration set."""
+    adapter = DecoderAdapter(model)
+    seen = {}
+    handles = []
+    for j, layer in enumerate(adapter.layers):
+        for name, lin in (("down", adapter.mlp_projections(layer)[2]), ("o", adapter.attention_projections(layer)[3])):
+            handles.append(lin.register_forward_pre_hook(
+                lambda m, a, key=(name, j): seen.setdefault(key, []).append(a[0].reshape(-1, a[0].shape[-1]))))
+    with torch.no_grad():
+        model(input_ids=calib)
+    for h in handles:
+        h.remove()
+    return {k: torch.cat(v) for k, v in seen.items()}
+
+
+def test_compensated_layers_reproduce_calibration_outputs_better_than_removal():
+    dense = make_tiny_model("llama")
+    calib = _calib()
+    stats = _stats(dense, "lstsq", calib)
+    io = _layer_io(dense, calib)
+    adapter = DecoderAdapter(dense)
+    plan = _plan(adapter, torch.Generator().manual_seed(5))
+    comp = copy.deepcopy(dense)
+    compensate_plan(DecoderAdapter(comp), plan, stats, 0.01)
+    comp_adapter = DecoderAdapter(comp)
+    for j, keep in enumerate(plan):
+        down = adapter.mlp_projections(adapter.layers[j])[2]
+        down_c = comp_adapter.mlp_projections(comp_adapter.layers[j])[2]
+        x = io[("down", j)]
+        ref = x @ down.weight.T
+        plain = (ref - x[:, keep.mlp] @ down.weight[:, keep.mlp].T).square().sum()
+        refit = (ref - x[:, keep.mlp] @ down_c.weight[:, keep.mlp].T).square().sum()
+        assert refit <= plain * (1 + 1e-5)
+
+
+def test_bias_compensation_keeps_the_mean_output():
+    dense = make_tiny_model("llama-bias")
+    calib = _calib()
+    stats = _stats(dense, "bias", calib)
+    io = _layer_io(dense, calib)
+    plan = _plan(DecoderAdapter(dense), torch.Generator().manual_seed(7))
+    comp = copy.deepcopy(dense)
+    compensate_plan(DecoderAdapter(comp), plan, stats, 0.0)
+    a, c = DecoderAdapter(dense), DecoderAdapter(comp)
+    for j, keep in enumerate(plan):
+        down, down_c = a.mlp_projections(a.layers[j])[2], c.mlp_projections(c.layers[j])[2]
+        x = io[("down", j)]
+        full = (x @ down.weight.T + down.bias).mean(0)
+        kept = (x[:, keep.mlp] @ down_c.weight[:, keep.mlp].T + down_c.bias).mean(0)
+        torch.testing.assert_close(kept, full, rtol=1e-4, atol=1e-4)
+
+
+def test_bias_is_refused_for_models_without_o_and_down_bias():
+    with pytest.raises(UsageError, match="no bias on o_proj and down_proj.*--compensate lstsq"):
+        check_compensation(DecoderAdapter(make_tiny_model("llama")), "bias", 0.01)
+    with pytest.raises(UsageError, match="--compensate-damp"):
+        check_compensation(DecoderAdapter(make_tiny_model("llama")), "lstsq", -1.0)
+    with pytest.raises(UsageError):
+        AdaptPruner(make_tiny_model("qwen2"), PruneSettings(compensate="bias", steps=1), _calib())
+
+
+@pytest.mark.parametrize("method", ["lstsq", "bias"])
+@pytest.mark.parametrize("mode", ["query", "kv"])
+def test_compensated_prune_lands_on_target_and_reloads_both_ways(tmp_path, tiny_tokenizer, method, mode):
+    model = make_tiny_model("llama-bias")
+    pruner = AdaptPruner(model, PruneSettings(steps=2, attention=mode, compensate=method), _calib())
+    target = pruner.target_from_sparsity(0.4)
+    pruner.prune_to(target)
+    assert abs(count_params(model) - target) <= 3 * 48 // 2 + 1
+    out = save_pruned(model, tiny_tokenizer, tmp_path / "out", {"note": "test"})
+    x = torch.randint(0, 320, (2, 9))
+    with torch.no_grad():
+        ref = model(x).logits
+        assert torch.equal(load_pruned(out)(x).logits, ref)
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)(x).logits, ref)
+
