@@ -15,6 +15,10 @@ import tempfile
 from pathlib import Path
 
 from .errors import UsageError
+from .export import REPORT_NAME, export_model
+from .fsio import atomic_write, atomic_write_json, preflight_output
+from .models import load_model
+from .serving import run_engine
 
 ENGINE_CHOICES = ("hf", "vllm", "llama.cpp")
 FORMAT_OF = {"vllm": "vllm", "llama.cpp": "gguf"}
@@ -24,9 +28,6 @@ CHART_NAME = "bench_engine.png"
 
 def _served_path(spec: str | None, engine: str, scratch: Path, name: str) -> str:
     """A path the engine can load: an existing export of the right format, or a fresh float32 export."""
-    from .export import REPORT_NAME, export_model
-    from .models import load_model
-
     fmt = FORMAT_OF[engine]
     if spec is not None and (Path(spec) / REPORT_NAME).is_file():
         report = json.loads((Path(spec) / REPORT_NAME).read_text())
@@ -86,8 +87,6 @@ def _chart(rows: dict, engine: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .fsio import atomic_write
-
     names = list(rows)
     levels = list(rows[names[0]]["tokens_per_s"])
     series = {"TTFT": [rows[n]["ttft_speedup"] for n in names], "TPOT": [rows[n].get("tpot_speedup", 0) for n in names]}
@@ -108,9 +107,6 @@ def _chart(rows: dict, engine: str, path: Path) -> None:
 
 def run_engine_bench(args) -> int:
     """Export dense and pruned models, time them in ``args.engine``, print the table, write JSON and PNG."""
-    from .fsio import atomic_write_json, preflight_output
-    from .serving import run_engine
-
     concurrency = list(args.concurrency)
     if not concurrency or min(concurrency) < 1:
         raise UsageError(f"--concurrency needs positive integers, got {concurrency}")

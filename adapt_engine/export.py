@@ -13,6 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
+from .export_deci import write_deci
+from .export_gguf import write_gguf
+from .export_layout import check_exportable, padded_head_count, padding_cost, serving_layers
+from .flops import forward_flops_per_token, model_shape
+from .fsio import atomic_dir, atomic_write_json
+from .models import load_model, parse_dtype
 from .options import DEFAULT_MODEL_NAME, check_output
 from .settings import check_bounds, setting
 
@@ -42,13 +48,6 @@ class ExportSettings:
 def export_model(model, tokenizer, fmt: str, output: str | Path, dtype: str = "float32",
                  overwrite: bool = False, name: str = "adapt-engine export") -> dict:
     """Write ``model`` for serving engine ``fmt`` into ``output``; returns the export report."""
-    from .export_deci import write_deci
-    from .export_gguf import write_gguf
-    from .export_layout import check_exportable, padded_head_count, padding_cost, serving_layers
-    from .flops import forward_flops_per_token, model_shape
-    from .fsio import atomic_dir, atomic_write_json
-    from .models import parse_dtype
-
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     if dtype not in EXPORT_DTYPES:
@@ -102,8 +101,6 @@ def format_export(report: dict, output: str) -> str:
 
 def run_export(args: ExportSettings) -> int:
     """`adapt-engine export`: check, load, write, print the summary."""
-    from .models import load_model
-
     args.validate()
     check_output(args.output, overwrite=args.overwrite, model=args.model, dtype=args.dtype)
     model, tokenizer = load_model(args.model, device="cpu", dtype="float32")

@@ -16,6 +16,7 @@ from torch import nn
 
 from .adapters import DecoderAdapter
 from .groups import GroupScores, Member, group_members
+from .kernels import group_saliency
 from .lm_loss import causal_lm_loss
 
 SIMILARITIES = ("cosine", "euclidean", "manhattan")
@@ -119,8 +120,6 @@ def _score_tensor(
     fisher: torch.Tensor | None = None,
 ) -> None:
     """Add one tensor's saliency (a matrix or a 1-D bias) into its group bucket with the fused kernel."""
-    from .kernels import group_saliency
-
     group_saliency(weight.detach(), grad, member.dim, group_size=member.group_size, metric=metric, out=out,
                    fisher=fisher)
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import fused_lm_head
+from .kernels import linear_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -29,8 +30,6 @@ def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, reduction: s
         logits = model(input_ids=input_ids, use_cache=False).logits.float()
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1),
                                reduction=reduction)
-    from .kernels import linear_cross_entropy
-
     hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
     return linear_cross_entropy(hidden, head.weight, shifted_targets(input_ids), ignore_index=IGNORE_INDEX,
                                 reduction=reduction)
@@ -47,8 +46,6 @@ def causal_lm_loss_through(forward_model: torch.nn.Module, model: torch.nn.Modul
     head = fused_lm_head(model)
     if head is None:
         return forward_model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
-    from .kernels import linear_cross_entropy
-
     out = forward_model(input_ids=input_ids, use_cache=False, logits_to_keep=1, output_hidden_states=True)
     return linear_cross_entropy(out.hidden_states[-1], head.weight, shifted_targets(input_ids),
                                 ignore_index=IGNORE_INDEX)

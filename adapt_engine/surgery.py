@@ -14,6 +14,7 @@ from torch import nn
 
 from .adapters import DecoderAdapter
 from .groups import LayerKeep, head_rows
+from .kernels import gather_channels
 
 
 def _gather_param(
@@ -23,8 +24,6 @@ def _gather_param(
 
     The Parameter object itself is kept (only ``.data`` changes), so optimizers keep referring to it.
     """
-    from .kernels import gather_channels
-
     if index.numel() == param.shape[dim]:
         return  # nothing removed
     state = optimizer.state.get(param, {}) if optimizer is not None else {}
