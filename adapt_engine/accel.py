@@ -336,17 +336,6 @@ def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def _refuse_foreign(folder: Path) -> None:
-    """The same refusal open_checkpoint_dir makes, read-only, so every rank raises it together."""
-    if folder.exists() and not folder.is_dir():
-        raise CheckpointError(f"--checkpoint-dir '{folder}' is a file; give a folder path")
-    if folder.is_dir() and not (folder / checkpoint.MARKER).is_file() and any(folder.iterdir()):
-        raise CheckpointError(
-            f"--checkpoint-dir '{folder}' exists, is not empty and was not created by adapt-engine (it has no "
-            f"{checkpoint.MARKER} file); refusing to write into it or delete anything in it. Give a new or empty "
-            f"folder")
-
-
 def open_run_folders(cfg: AccelConfig, d: Dist) -> tuple[Path, Path, Path | None]:
     """Check --output and the checkpoint folder before anything is loaded; returns (run dir, checkpoint dir,
     the checkpoint to resume or None). A fresh start clears only checkpoints an earlier run of ours wrote."""
@@ -359,8 +348,9 @@ def open_run_folders(cfg: AccelConfig, d: Dist) -> tuple[Path, Path, Path | None
         raise UsageError(f"--checkpoint-dir '{run_dir}' overlaps --model '{cfg.model}'; choose another folder")
     if d.main:
         check_output(cfg.output, overwrite=cfg.overwrite, model=cfg.model, dtype=cfg.dtype)
-    _refuse_foreign(run_dir)
-    _refuse_foreign(ckpt_dir)
+    # read-only here, so every rank raises it together; open_checkpoint_dir repeats it on rank 0
+    checkpoint.check_checkpoint_dir(run_dir)
+    checkpoint.check_checkpoint_dir(ckpt_dir)
     latest = latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
     if cfg.resume and latest is None:
         raise CheckpointError(f"--resume: no checkpoint in {ckpt_dir}; start without --resume")

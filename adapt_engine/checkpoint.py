@@ -47,12 +47,8 @@ class CheckpointError(AdaptEngineError, ValueError):
     """A checkpoint is missing, corrupt, or does not belong to this run."""
 
 
-def open_checkpoint_dir(path: str | Path, *, resume: bool) -> Path:
-    """Create or adopt a checkpoint folder; refuse any non-empty folder that adapt-engine did not create.
-
-    A fresh run in a folder of ours from an earlier run removes that run's checkpoints (only what
-    adapt-engine wrote); ``resume`` keeps them. The folder is marked so that later runs recognise it.
-    """
+def check_checkpoint_dir(path: str | Path) -> Path:
+    """Refuse (read-only) a checkpoint folder that is a file, or non-empty and not created by adapt-engine."""
     folder = Path(path).expanduser().absolute()
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"--checkpoint-dir '{path}' is a file; give a folder path")
@@ -61,6 +57,16 @@ def open_checkpoint_dir(path: str | Path, *, resume: bool) -> Path:
             f"--checkpoint-dir '{path}' exists, is not empty and was not created by adapt-engine (it has no "
             f"{MARKER} file); refusing to write into it or delete anything in it. Give a new or empty folder"
         )
+    return folder
+
+
+def open_checkpoint_dir(path: str | Path, *, resume: bool) -> Path:
+    """Create or adopt a checkpoint folder; refuse any non-empty folder that adapt-engine did not create.
+
+    A fresh run in a folder of ours from an earlier run removes that run's checkpoints (only what
+    adapt-engine wrote); ``resume`` keeps them. The folder is marked so that later runs recognise it.
+    """
+    folder = check_checkpoint_dir(path)
     if folder.is_dir() and not resume:
         _remove_ours(folder)
     folder.mkdir(parents=True, exist_ok=True)
