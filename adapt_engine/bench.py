@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from . import settings as flags
-from .adapters import UnsupportedModelError, base_model_type
+from .adapters import base_model_type
 from .engine_bench import ENGINE_CHOICES, run_engine_bench
 from .errors import AdaptEngineError, OutputPathError, UsageError
 from .flops import (
@@ -46,7 +46,7 @@ from .flops import (
     prefill_flops,
 )
 from .fsio import atomic_write, atomic_write_json, preflight_output
-from .models import ModelLoadError, load_model, parse_dtype
+from .models import load_model, parse_dtype
 from .options import DEFAULT_MODEL_NAME, check_dtype, resolve_device
 from .settings import add_flags, check_bounds, from_args
 
@@ -905,6 +905,8 @@ class BenchSettings:
         check_dtype(self.dtype)
         check_bounds(self)
         _check_sizes(self.batch_sizes, self.prompt_lens, self.new_tokens, self.repeats, self.warmup)
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise UsageError(f"--concurrency needs positive integers, got {self.concurrency}")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -966,13 +968,13 @@ def run_bench(args: argparse.Namespace | BenchSettings) -> int:
     Bad input (flags, models, output folder) is printed as one error line and gives exit code 2.
     """
     cfg = args if isinstance(args, BenchSettings) else from_args(BenchSettings, args)
-    if cfg.engine != "hf":  # timed in a serving engine: engine_bench.py
-        return run_engine_bench(cfg)
     try:
         cfg.validate()
         out = check_bench_output(cfg.output)
+        if cfg.engine != "hf":  # timed in a serving engine: engine_bench.py
+            return run_engine_bench(cfg, out)
         result, models = _measure(cfg, lambda msg: print(msg, file=sys.stderr, flush=True))
-    except (AdaptEngineError, ModelLoadError, UnsupportedModelError) as err:
+    except AdaptEngineError as err:
         print(f"adapt-engine bench: error: {err}", file=sys.stderr)
         return 2
     result.config["models"] = {"dense": cfg.model or "default (SmolLM2-135M-Instruct)",

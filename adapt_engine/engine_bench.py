@@ -14,9 +14,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from .errors import UsageError
 from .export import REPORT_NAME, export_model
-from .fsio import atomic_write, atomic_write_json, preflight_output
+from .fsio import atomic_write, atomic_write_json
 from .models import load_model
 from .serving import run_engine
 
@@ -105,15 +104,11 @@ def _chart(rows: dict, engine: str, path: Path) -> None:
     plt.close(fig)
 
 
-def run_engine_bench(args) -> int:
-    """Export dense and pruned models, time them in ``args.engine``, print the table, write JSON and PNG."""
+def run_engine_bench(args, out: Path) -> int:
+    """Export dense and pruned models, time them in ``args.engine``, print the table, write JSON and PNG into
+    ``out`` (checked by the caller, as for every `bench`)."""
     concurrency = list(args.concurrency)
-    if not concurrency or min(concurrency) < 1:
-        raise UsageError(f"--concurrency needs positive integers, got {concurrency}")
     prompt_len, new_tokens = args.prompt_lens[0], args.new_tokens
-    out = Path(args.output)
-    if not out.is_dir():  # files are written one by one (atomically) into an existing folder, as `bench` does
-        out = preflight_output(out)
     names = ["dense"] + [Path(c.rstrip("/")).name for c in args.compare]
     with tempfile.TemporaryDirectory(prefix="adapt-engine-bench-") as scratch:
         paths = [_served_path(spec, args.engine, Path(scratch), f"m{i}")
