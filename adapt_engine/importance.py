@@ -21,6 +21,7 @@ from .lm_loss import causal_lm_loss
 
 SIMILARITIES = ("cosine", "euclidean", "manhattan")
 IMPORTANCES = ("taylor", "magnitude", "random", "vectorize", "param_mix")
+GRADIENT_IMPORTANCES = ("taylor", "vectorize", "param_mix")  # the ones scored from calibration gradients
 CALIB_DTYPES = ("float32", "bfloat16", "auto")
 
 
@@ -128,7 +129,7 @@ class SaliencyCollector:
     """Reduces each gradient to group scores as soon as it is accumulated, then frees it."""
 
     def __init__(self, adapter: DecoderAdapter, metric: str = "taylor"):
-        if metric not in ("taylor", "vectorize", "param_mix"):
+        if metric not in GRADIENT_IMPORTANCES:
             raise ValueError(f"gradient saliency metric must be taylor, vectorize or param_mix, got '{metric}'")
         self.adapter = adapter
         self.metric = metric

@@ -24,6 +24,7 @@ from .errors import UsageError
 from .groups import ATTENTION_MODES, GroupScores, LayerKeep, choose_attention_keep, choose_mlp_keep
 from .importance import (
     CALIB_DTYPES,
+    GRADIENT_IMPORTANCES,
     IMPORTANCES,
     SIMILARITIES,
     calibration_pass,
@@ -38,8 +39,6 @@ __all__ = ["PruneSettings", "AdaptPruner", "count_params"]
 
 SPLITS = ("saliency", "proportional")
 
-
-GRADIENT_IMPORTANCES = ("taylor", "vectorize", "param_mix")
 
 
 @dataclass
@@ -141,7 +140,7 @@ class AdaptPruner:
                 observers: tuple = ()) -> tuple[torch.Tensor, GroupScores, float | None]:
         s = self.settings
         adaptive = s.allocation == "adaptive"
-        gradient = s.importance in ("taylor", "vectorize", "param_mix")
+        gradient = s.importance in GRADIENT_IMPORTANCES
         raw, scores, loss = None, None, None
         if adaptive or gradient or observers:
             raw, scores, loss = calibration_pass(
