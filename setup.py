@@ -6,6 +6,7 @@ setup(
     packages=[
         "adapt_engine",
         "adapt_engine.remote",
+        "adapt_engine.serving_workers",
         "adapt_engine.kernels",
         "adapt_engine.csrc",
     ],

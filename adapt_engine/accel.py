@@ -35,20 +35,21 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .accel_data import DataPlan, packed_ids, phase_shares, phase_targets, plan_data, split_counts, steps_of
 from .adapters import DecoderAdapter, count_params
+from .args import AccelConfig
 from .checkpoint import CheckpointError, check_compatible, latest_checkpoint, load_checkpoint, rng_state, set_rng_state
-from .data import data_fingerprint, sample_windows
+from .data import sample_windows
 from .distributed import Dist, Session, check_same_shapes, rank_share, setup_distributed, start_session, sync_back
 from .errors import AdaptEngineError, UsageError
 from .evaluate import perplexity
 from .fsio import atomic_write
 from .groups import GroupScores, group_members
 from .models import load_model, parse_dtype
-from .optim import BACKENDS, build_optimizer
-from .options import CalibSettings, ModelSettings, SizeSettings, check_output
-from .pruner import AdaptPruner, PruneSettings
+from .optim import build_optimizer
+from .options import check_output
+from .pruner import AdaptPruner
 from .report import RunReport, finish_run, peak_memory_mb, plot_progress
 from .schedule import WSDSchedule
-from .settings import CommandSettings, add_flags, flat_dict, from_args, math_fingerprint, nested, setting
+from .settings import add_flags, flat_dict, from_args
 from .training import TrainingDivergedError, autocast_dtype, train_step
 
 __all__ = [
@@ -57,8 +58,6 @@ __all__ = [
     "split_counts", "steps_of", "train_step", "DataPlan",
 ]
 
-SALIENCY_SOURCES = ("calib", "train")
-AUTOCAST_MODES = ("auto", "bf16", "none")
 SCORE_KINDS = ("q_heads", "kv_heads", "mlp")
 
 
@@ -69,102 +68,6 @@ class ExistingRunError(AdaptEngineError, FileExistsError):
 # ---------------------------------------------------------------------------------------------------------
 # Settings
 # ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class AccelConfig(CommandSettings):
-    """Everything `adapt-engine accel` can be told (each field is one flag; ``math=False`` fields may change
-    on --resume)."""
-
-    output: str = setting(math=False, help="folder for the final model (same format as `prune`)")
-    loading: ModelSettings = nested(ModelSettings)
-    size: SizeSettings = nested(SizeSettings)
-    interleaves: int = setting(20, minimum=1, help="N_P prune/train phases (default 20)")
-    train_data: str | None = setting(None, help=".txt/.jsonl/.parquet file or folder, or a datasets name "
-                                     "(default: built-in offline text; its held-out split is the validation set)")
-    train_tokens: int | None = setting(None, minimum=1, help="training tokens over all phases "
-                                       "(default: every window of the training split)")
-    seq_len: int = setting(512, minimum=2, help="tokens per training window")
-    global_batch: int = setting(128, minimum=1, help="sequences per optimizer step")
-    micro_batch: int = setting(4, minimum=1, help="sequences per forward/backward per rank")
-    lr: float = setting(2e-5, above=0.0, help="peak learning rate of the WSD schedule")
-    min_lr: float = setting(2e-6, minimum=0.0, help="final learning rate of the WSD schedule")
-    warmup: float = setting(0.05, minimum=0.0, maximum=1.0, help="warmup share of all steps (WSD)")
-    decay: float = setting(0.10, minimum=0.0, maximum=1.0, help="final linear-decay share of all steps (WSD)")
-    weight_decay: float = setting(0.0, minimum=0.0, help="AdamW weight decay")
-    max_grad_norm: float = setting(1.0, above=0.0, help="gradient clipping norm")
-    # Weight compensation and per-sub-step resampling were measured for `prune` only (docs/quality.md): accel
-    # recovers by training, and a compensated cut broke the DDP = single-process equality test.
-    prune: PruneSettings = nested(lambda: PruneSettings(compensate="none"),
-                                  exclude=("steps", "compensate", "compensate_damp", "calib_resample"))
-    prune_steps: int | None = setting(None, minimum=1,
-                                      help="Algorithm-1 sub-steps per phase (default ceil(50 / interleaves))")
-    saliency: str = setting("calib", choices=SALIENCY_SOURCES,
-                            help="group scores for each prune: a calibration backward pass, or |w*g| accumulated "
-                            "inside the optimizer step from the previous phase's training gradients (no extra pass)")
-    calib: CalibSettings = nested(lambda: CalibSettings(calib_samples=128), exclude=("calib_data",))
-    val_tokens: int = setting(8192, minimum=0, math=False,
-                              help="held-out tokens for the perplexity after every phase (0 = skip)")
-    optimizer: str = setting("auto", choices=BACKENDS, math=False,
-                             help="AdamW backend (auto: our Triton kernel on CUDA, torch's fused kernel elsewhere)")
-    reset_optimizer: bool = setting(False, help="rebuild AdamW after every prune instead of carrying its sliced "
-                                    "moments")
-    autocast: str = setting("auto", choices=AUTOCAST_MODES, help="bf16 autocast: auto (where the device has "
-                            "native bf16), bf16 (required) or none")
-    activation_checkpointing: bool = setting(False, math=False,
-                                             help="recompute activations in the backward pass (less memory)")
-    checkpoint_every: int = setting(0, minimum=0, math=False,
-                                    help="optimizer steps between checkpoints inside a phase (0 = phase boundaries "
-                                    "only)")
-    checkpoint_dir: str | None = setting(None, math=False, help="default: <output>.accel")
-    keep_checkpoints: bool = setting(False, math=False, help="keep the checkpoint folder after success")
-    no_checkpoints: bool = setting(False, math=False,
-                                   help="write no checkpoints (throwaway experiments; such a run cannot be resumed)")
-    resume: bool = setting(False, math=False, help="continue from the newest checkpoint")
-    overwrite: bool = setting(False, math=False, help="replace an existing --output / earlier run")
-    fsdp: bool = setting(False, math=False,
-                         help="under torchrun: shard each phase's training with FSDP2 instead of DDP (for models that "
-                         "do not fit one device; the full model is kept in CPU memory between phases)")
-    threads: int | None = setting(None, minimum=1, math=False,
-                                  help="torch intra-op threads; on a machine whose cores are busy, fewer threads can "
-                                  "be much faster")
-    no_bench: bool = setting(False, math=False, help="skip the short latency bench at the end")
-
-    def validate(self) -> None:
-        """UsageError naming the flag for settings that cannot work, before anything is loaded."""
-        super().validate()
-        checks = [
-            (self.train_tokens is None or self.train_tokens >= self.seq_len,
-             f"--train-tokens must be at least one --seq-len window ({self.seq_len} tokens)"),
-            (not (self.no_checkpoints and self.resume), "--resume needs checkpoints; drop --no-checkpoints"),
-            (not (self.fsdp and self.saliency == "train"),
-             "--saliency train reads whole gradients inside the optimizer step; with --fsdp they are sharded. Use "
-             "--saliency calib with --fsdp"),
-            (not (self.fsdp and self.optimizer == "triton"),
-             "--fsdp shards parameters as DTensors; use --optimizer auto or torch-foreach with it"),
-            (self.saliency != "train" or self.importance == "taylor",
-             "--saliency train accumulates the taylor score |w*g|; use --importance taylor with it"),
-            (self.warmup + self.decay <= 1.0,
-             f"--warmup {self.warmup} plus --decay {self.decay} exceed 1: the two ramps would overlap"),
-            (self.min_lr <= self.lr, f"--min-lr {self.min_lr} is above --lr {self.lr}; lower --min-lr"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise UsageError(msg)
-
-    @property
-    def steps_per_phase(self) -> int:
-        """Algorithm-1 sub-steps per prune (about 50 in total over all phases, as one-shot pruning)."""
-        return self.prune_steps or max(1, math.ceil(50 / self.interleaves))
-
-    def fingerprint(self) -> dict:
-        """Settings that must not change across --resume (they change the math of the run): every field
-        marked ``math=True``, and the content of the training data."""
-        return {**math_fingerprint(self), "train_data_content": data_fingerprint(self.train_data)}
-
-    def run_dir(self) -> Path:
-        """Folder for checkpoints and the live metrics log (beside --output, which is written at the end)."""
-        return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(str(Path(self.output)) + ".accel")
 
 
 def add_accel_arguments(p) -> None:

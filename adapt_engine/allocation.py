@@ -21,8 +21,6 @@ import torch
 
 from .adapters import DecoderAdapter, LayerShape
 
-ALLOCATIONS = ("adaptive", "uniform")
-LAYER_UPDATES = ("incremental", "absolute")
 MAX_LAYER_SPARSITY = 0.99
 
 

@@ -32,10 +32,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import settings as flags
 from .adapters import base_model_type
-from .engine_bench import ENGINE_CHOICES, run_engine_bench
-from .errors import AdaptEngineError, OutputPathError, UsageError
+from .args import (
+    ATTENTION_CHOICES,
+    CHART_NAME,
+    DEFAULT_BATCH_SIZES,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_NEW_TOKENS,
+    DEFAULT_PROMPT_LENS,
+    DEFAULT_REPEATS,
+    DEFAULT_WARMUP,
+    JSON_NAME,
+    BenchSettings,
+    check_sizes,
+)
+from .devices import resolve_device
+from .engine_bench import run_engine_bench
+from .errors import AdaptEngineError, BenchInputError, OutputPathError
 from .flops import (
     ModelShape,
     UnsupportedShapeError,
@@ -47,15 +60,8 @@ from .flops import (
 )
 from .fsio import atomic_write, atomic_write_json, preflight_output
 from .models import load_model, parse_dtype
-from .options import DEFAULT_MODEL_NAME, check_dtype, resolve_device
-from .settings import add_flags, check_bounds, from_args
+from .settings import add_flags, from_args
 
-DEFAULT_BATCH_SIZES = (1, 8)
-DEFAULT_PROMPT_LENS = (128, 512)
-DEFAULT_NEW_TOKENS = 64
-DEFAULT_REPEATS = 5
-DEFAULT_WARMUP = 1
-ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
 # Strings whose token ids must agree between two tokenizers for them to count as the same tokenizer.
 TOKENIZER_PROBES = (
     "The quick brown fox jumps over the lazy dog.",
@@ -64,12 +70,6 @@ TOKENIZER_PROBES = (
 )
 # Safety factor on the working-memory estimate: allocator slack, the copy made when the cache grows.
 MEMORY_MARGIN = 1.25
-JSON_NAME = "bench.json"
-CHART_NAME = "bench_speedup.png"
-
-
-class BenchInputError(UsageError):
-    """Bad benchmark input; the message names the problem and the fix."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -432,7 +432,7 @@ def _timed_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 def time_generate(model: nn.Module, input_ids: torch.Tensor, new_tokens: int,
                   tokenizer=None) -> tuple[float, float]:
     """(prefill ms, decode ms per token) of one greedy fixed-length generate run on ``input_ids``."""
-    _check_sizes([input_ids.shape[0]], [input_ids.shape[1]], new_tokens, 1, 0)
+    check_sizes([input_ids.shape[0]], [input_ids.shape[1]], new_tokens, 1, 0)
     with torch.inference_mode():
         return _timed_generate(model, input_ids, torch.ones_like(input_ids),
                                _generation_config(new_tokens, tokenizer, model), _Clock(input_ids.device))
@@ -608,7 +608,7 @@ def benchmark_models(
     baseline = baseline if baseline is not None else names[0]
     if baseline not in models:
         raise BenchInputError(f"baseline '{baseline}' is not one of the models {names}")
-    _check_sizes(batch_sizes, prompt_lens, new_tokens, repeats, warmup)
+    check_sizes(batch_sizes, prompt_lens, new_tokens, repeats, warmup)
     devices = {_model_device(m) for m in models.values()}
     dtypes = {_model_dtype(m) for m in models.values()}
     if len(devices) != 1 or len(dtypes) != 1:
@@ -695,20 +695,6 @@ def _touch_weights(model: nn.Module) -> None:
         for tensor in [*model.parameters(), *model.buffers()]:
             if tensor.numel():
                 tensor.detach().reshape(-1)[:: max(1, 4096 // tensor.element_size())].sum()
-
-
-def _check_sizes(batch_sizes, prompt_lens, new_tokens, repeats, warmup) -> None:
-    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
-        raise BenchInputError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
-    if not prompt_lens or any(int(p) < 1 for p in prompt_lens):
-        raise BenchInputError(f"prompt lengths must be positive integers, got {list(prompt_lens)}")
-    if new_tokens < 2:
-        raise BenchInputError(f"--new-tokens must be at least 2 (decode is timed between two tokens)"
-                              f", got {new_tokens}")
-    if repeats < 1:
-        raise BenchInputError(f"--repeats must be at least 1, got {repeats}")
-    if warmup < 0:
-        raise BenchInputError(f"--warmup must be 0 or more, got {warmup}")
 
 
 def _bench_setting(models, shapes, baseline, tokenizer, clock, batch, prompt, new_tokens, repeats, warmup,
@@ -842,71 +828,6 @@ def format_quick_speedup(result: Mapping) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,8, got '{text}'") from err
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers like 1,8, got '{text}'")
-    return values
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from err
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
-    return value
-
-
-@dataclass
-class BenchSettings:
-    """Everything `adapt-engine bench` can be told."""
-
-    compare: list[str] = flags.setting(nargs="+", required=True, metavar="PRUNED",
-                                 help="one or more pruned versions of --model to compare against it")
-    model: str | None = flags.setting(None, help="dense model: directory, .gguf file or hub id "
-                                "(default: built-in SmolLM2-135M-Instruct)")
-    batch_sizes: list[int] = flags.setting(default_factory=lambda: list(DEFAULT_BATCH_SIZES), type=_int_list,
-                                     help="comma-separated batch sizes (default: 1,8)")
-    prompt_lens: list[int] = flags.setting(default_factory=lambda: list(DEFAULT_PROMPT_LENS), type=_int_list,
-                                     help="comma-separated prompt lengths in tokens (default: 128,512)")
-    new_tokens: int = flags.setting(DEFAULT_NEW_TOKENS, type=_positive_int, minimum=2,
-                              help="tokens generated per run; decode is timed over all but the first (default: 64)")
-    repeats: int = flags.setting(DEFAULT_REPEATS, type=_positive_int,
-                           help="timed rounds, each running every model once (default: 5)")
-    warmup: int = flags.setting(DEFAULT_WARMUP, minimum=0, help="untimed warm-up rounds per setting (default: 1)")
-    device: str = flags.setting("auto", help="cpu, cuda or cuda:N (default: cuda if available)")
-    dtype: str = flags.setting("float32", help="float32, bfloat16 or float16 (default: float32)")
-    attn: str = flags.setting("auto", choices=ATTENTION_CHOICES,
-                        help="attention implementation (default auto: flash_attention_2 on a GPU when flash-attn is "
-                        "installed and the dtype is 16-bit, else sdpa; eager for a family without either, e.g. "
-                        "Gemma 2)")
-    output: str = flags.setting("bench-output", metavar="DIR",
-                          help=f"folder for {JSON_NAME} and {CHART_NAME} (default: bench-output)")
-    threads: int | None = flags.setting(None, type=_positive_int,
-                                  help="torch CPU threads (default: torch's choice; stated in the output either way)")
-    seed: int = flags.setting(0, help="seed of the random prompt token ids")
-    engine: str = flags.setting("hf", choices=ENGINE_CHOICES,
-                                help="hf: transformers generate (default); vllm / llama.cpp: export and time in that "
-                                "engine (set up with `bash scripts/setup_serving.sh`; see docs/export.md)")
-    concurrency: list[int] = flags.setting(default_factory=lambda: [1, 4, 16], type=_int_list,
-                                           help="vLLM: comma-separated numbers of requests submitted together "
-                                           "(default 1,4,16)")
-
-    def validate(self) -> None:
-        """UsageError for values that cannot work, before any model is loaded."""
-        resolve_device(self.device)
-        check_dtype(self.dtype)
-        check_bounds(self)
-        _check_sizes(self.batch_sizes, self.prompt_lens, self.new_tokens, self.repeats, self.warmup)
-        if not self.concurrency or min(self.concurrency) < 1:
-            raise UsageError(f"--concurrency needs positive integers, got {self.concurrency}")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:

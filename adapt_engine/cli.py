@@ -8,13 +8,11 @@ one line with exit code 2 (3 for a training run that diverged); anything else is
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from .accel import AccelConfig, run_accel
-from .bench import BenchSettings, run_bench
-from .commands import EvalSettings, PruneRunSettings, run_eval, run_prune
+from .args import AccelConfig, BenchSettings, EvalSettings, ExportSettings, PruneRunSettings
 from .errors import AdaptEngineError
-from .export import ExportSettings, run_export
 from .settings import add_flags, from_args
 
 COMMANDS = {
@@ -23,6 +21,15 @@ COMMANDS = {
     "bench": (BenchSettings, "latency of dense vs pruned models"),
     "accel": (AccelConfig, "Adapt-Accel: interleaved pruning and training"),
     "export": (ExportSettings, "write a model for vLLM (DeciLM folder) or llama.cpp (GGUF)"),
+}
+# Where each command's run function lives. Imported only once the flags are parsed and valid: the engine
+# modules import torch (~0.8 s here), which --help and a mistyped flag should not wait for.
+RUNNERS = {
+    "prune": ("commands", "run_prune"),
+    "eval": ("commands", "run_eval"),
+    "bench": ("bench", "run_bench"),
+    "accel": ("accel", "run_accel"),
+    "export": ("export", "run_export"),
 }
 
 
@@ -36,17 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(command: str, settings) -> int:
-    if command == "prune":
-        run_prune(settings)
-        return 0
-    if command == "eval":
-        run_eval(settings)
-        return 0
-    if command == "bench":
-        return run_bench(settings)
-    if command == "export":
-        return run_export(settings)
-    return run_accel(settings)
+    module, name = RUNNERS[command]
+    run = getattr(importlib.import_module(f".{module}", __package__), name)
+    result = run(settings)
+    return result if isinstance(result, int) else 0  # prune and eval return their report, not an exit code
 
 
 def main(argv: list[str] | None = None) -> int:

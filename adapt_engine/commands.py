@@ -3,47 +3,27 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .adapters import DecoderAdapter, count_params
+from .args import EvalSettings, PruneRunSettings
 from .data import load_text, sample_windows, tokenize_text
+from .dtypes import parse_dtype
 from .evaluate import perplexity
-from .models import load_model
-from .options import CalibSettings, ModelSettings, SizeSettings, check_output
-from .pruner import AdaptPruner, PruneSettings
+from .models import is_pruned_dir, load_model
+from .options import check_output
+from .pruner import AdaptPruner
 from .report import RunReport, finish_run, peak_memory_mb
-from .settings import CommandSettings, nested, setting
-
-
-@dataclass
-class PruneRunSettings(CommandSettings):
-    """Everything `adapt-engine prune` can be told."""
-
-    output: str = setting(math=False, help="folder for the pruned model (written atomically)")
-    loading: ModelSettings = nested(ModelSettings)
-    size: SizeSettings = nested(SizeSettings)
-    prune: PruneSettings = nested(PruneSettings)
-    calib: CalibSettings = nested(CalibSettings)
-    eval_tokens: int = setting(8192, minimum=0,
-                               help="held-out tokens for before/after perplexity in the report (0 = skip)")
-    overwrite: bool = setting(False, math=False, help="replace a non-empty --output folder")
-    no_bench: bool = setting(False, math=False, help="skip the short latency bench at the end")
-
-
-@dataclass
-class EvalSettings(CommandSettings):
-    """Everything `adapt-engine eval` can be told."""
-
-    loading: ModelSettings = nested(ModelSettings)
-    data: str | None = setting(None, help="text file/dataset (default: built-in held-out split)")
-    seq_len: int = setting(512, minimum=2, help="tokens per evaluation window")
-    batch_size: int = setting(4, minimum=1, help="windows per forward pass")
-    max_tokens: int | None = setting(None, minimum=1, help="evaluate at most this many tokens")
+from .saving import load_pruned_tokenizer
+from .streaming import StreamedModel, StreamingError, open_streamed, resolve_offload, streamed_perplexity
 
 
 def _layer_params(adapter) -> list[int]:
@@ -56,10 +36,31 @@ def heldout_ids(tokenizer, data: str | None, calib_data: str | None) -> torch.Te
     return tokenize_text(tokenizer, load_text(data, split))
 
 
-def _heldout_ppl(model, eval_ids: torch.Tensor | None, eval_tokens: int) -> dict | None:
+def _heldout_ppl(model, eval_ids: torch.Tensor | None, eval_tokens: int,
+                 streamed: StreamedModel | None = None) -> dict | None:
     if eval_ids is None:
         return None
+    if streamed is not None:
+        return streamed_perplexity(streamed, eval_ids, seq_len=min(512, eval_tokens), batch_size=4)
     return perplexity(model, eval_ids, seq_len=min(512, eval_tokens), batch_size=4)
+
+
+def _load_for_pruning(cfg: PruneRunSettings, offload: str):
+    """(model, tokenizer, streamed model or None): whole, or as a skeleton whose layers stream from disk."""
+    if offload == "none":
+        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        return model, tokenizer, None
+    if cfg.device != "cpu":
+        raise StreamingError("--offload layer runs on the CPU here; use --device cpu (or --offload none)")
+    folder = Path(cfg.model).expanduser() if cfg.model else None
+    if folder is None or not folder.is_dir():
+        raise StreamingError("--offload layer reads a model folder with safetensors shards; pass --model DIR "
+                             "(the built-in default and .gguf files load whole: use --offload none)")
+    from transformers import AutoTokenizer
+
+    streamed = open_streamed(folder, parse_dtype(cfg.dtype))
+    tokenizer = load_pruned_tokenizer(folder) if is_pruned_dir(folder) else AutoTokenizer.from_pretrained(str(folder))
+    return streamed.model, tokenizer, streamed
 
 
 def _prune_with_progress(pruner: AdaptPruner, target: int, steps: int, calib: torch.Tensor | None) -> None:
@@ -92,8 +93,10 @@ def run_prune(cfg: PruneRunSettings) -> RunReport:
     cfg.validate()
     check_output(cfg.output, overwrite=cfg.overwrite, model=cfg.model, dtype=cfg.dtype)
     torch.manual_seed(cfg.seed)
-    print(f"loading model {cfg.loading.model_name} ...", file=sys.stderr)
-    model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    offload = resolve_offload(cfg.offload, cfg.model, cfg.dtype)
+    print(f"loading model {cfg.loading.model_name}{' (streamed: one layer at a time)' if offload == 'layer' else ''}"
+          " ...", file=sys.stderr)
+    model, tokenizer, streamed = _load_for_pruning(cfg, offload)
     adapter = DecoderAdapter(model)
     calib, sampler = None, None
     if cfg.prune.needs_calibration:
@@ -104,17 +107,36 @@ def run_prune(cfg: PruneRunSettings) -> RunReport:
             # --calib-resample: sub-step i draws with seed + i, fresh windows that are still reproducible.
             return sample_windows(ids, cfg.calib_samples, cfg.calib_seq_len, seed=cfg.seed + step)
     eval_ids = heldout_ids(tokenizer, None, cfg.calib_data)[: cfg.eval_tokens] if cfg.eval_tokens > 0 else None
-    before = _heldout_ppl(model, eval_ids, cfg.eval_tokens)
-    pruner = AdaptPruner(model, cfg.prune, calib, calib_sampler=sampler)
+    before = _heldout_ppl(model, eval_ids, cfg.eval_tokens, streamed)
+    scratch = None
+    if streamed is not None:  # cut layers are rewritten beside the output (same disk), removed at the end
+        Path(cfg.output).absolute().parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".adapt-offload-", dir=Path(cfg.output).absolute().parent))
+    try:
+        report = _prune_and_report(cfg, model, adapter, streamed, scratch, calib, sampler, eval_ids, before)
+        report.wall_seconds = time.perf_counter() - t_start
+        report.peak_rss_mb = peak_memory_mb(cfg.device)
+        finish_run(report, model, tokenizer, cfg.output, dense=cfg.loading, bench=not cfg.no_bench,
+                   write_weights=streamed.write_weights if streamed is not None else None)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return report
+
+
+def _prune_and_report(cfg: PruneRunSettings, model, adapter: DecoderAdapter, streamed: StreamedModel | None,
+                      scratch: Path | None, calib, sampler, eval_ids, before: dict | None) -> RunReport:
+    """Prune to the target in T sub-steps and measure the result (the report, without the timings)."""
+    pruner = AdaptPruner(model, cfg.prune, calib, calib_sampler=sampler, streamed=streamed, scratch=scratch)
     target = cfg.target_params if cfg.target_params is not None else pruner.target_from_sparsity(cfg.sparsity)
     widths_before = [asdict(s) for s in adapter.shapes()]
     details = {"layer_params_before": _layer_params(adapter), "prunable_before": adapter.prunable_params()}
     params_before = count_params(model)
     _prune_with_progress(pruner, target, cfg.prune.steps, calib)
-    after = _heldout_ppl(model, eval_ids, cfg.eval_tokens)
+    after = _heldout_ppl(model, eval_ids, cfg.eval_tokens, streamed)
     params_after = count_params(model)
     details.update(prunable_after=adapter.prunable_params(), layer_params_after=_layer_params(adapter),
-                   round_to=cfg.round_to, history=pruner.history)
+                   round_to=cfg.round_to, history=pruner.history, offload="layer" if streamed else "none")
     if cfg.round_to > 1:
         details["rounding_cost_params"] = params_after - int(target)
     report = RunReport(
@@ -124,9 +146,6 @@ def run_prune(cfg: PruneRunSettings) -> RunReport:
         ppl_before=before["ppl"] if before else None, ppl_after=after["ppl"] if after else None,
         ppl_tokens=after["tokens"] if after else None, details=details,
     )
-    report.wall_seconds = time.perf_counter() - t_start
-    report.peak_rss_mb = peak_memory_mb(cfg.device)
-    finish_run(report, model, tokenizer, cfg.output, dense=cfg.loading, bench=not cfg.no_bench)
     return report
 
 

@@ -31,10 +31,9 @@ import torch
 from torch import nn
 
 from .adapters import DecoderAdapter
+from .args import COMPENSATIONS
 from .errors import UsageError
 from .groups import LayerKeep, head_rows
-
-COMPENSATIONS = ("none", "bias", "lstsq")
 
 
 def check_compensation(adapter: DecoderAdapter, method: str, damp: float) -> None:
@@ -102,13 +101,16 @@ class InputStatistics:
         self.tokens = int(tokens.item())
 
     @contextlib.contextmanager
-    def attached(self) -> Iterator[InputStatistics]:
-        """Forward pre-hooks on every down_proj and o_proj while inside the block."""
+    def attached(self, layers: list[int] | None = None) -> Iterator[InputStatistics]:
+        """Forward pre-hooks on every down_proj and o_proj (of ``layers`` only, if given) while inside the block;
+        tokens are counted at the first of them."""
+        indices = list(range(len(self.adapter.layers))) if layers is None else list(layers)
         try:
-            for j, layer in enumerate(self.adapter.layers):
+            for j in indices:
+                layer = self.adapter.layers[j]
                 _, _, _, o = self.adapter.attention_projections(layer)
                 _, _, down = self.adapter.mlp_projections(layer)
-                self._handles.append(down.register_forward_pre_hook(self._hook(self.mlp, j, j == 0)))
+                self._handles.append(down.register_forward_pre_hook(self._hook(self.mlp, j, j == indices[0])))
                 self._handles.append(o.register_forward_pre_hook(self._hook(self.attn, j, False)))
             yield self
         finally:
@@ -158,12 +160,17 @@ def _compensate_linear(lin: nn.Linear, keep: torch.Tensor, stat: torch.Tensor, t
 
 def compensate_plan(adapter: DecoderAdapter, plan: list[LayerKeep], stats: InputStatistics, damp: float) -> None:
     """Apply the compensation of every cut in ``plan`` to o_proj and down_proj (call before ``apply_plan``)."""
-    d = adapter.head_dim
     for j, keep in enumerate(plan):
-        layer = adapter.layers[j]
-        _, _, _, o = adapter.attention_projections(layer)
-        _, _, down = adapter.mlp_projections(layer)
-        if keep.q_heads is not None and stats.attn[j] is not None:
-            _compensate_linear(o, head_rows(keep.q_heads, d), stats.attn[j], stats.tokens, stats.method, damp)
-        if keep.mlp is not None and stats.mlp[j] is not None:
-            _compensate_linear(down, keep.mlp, stats.mlp[j], stats.tokens, stats.method, damp)
+        compensate_layer(adapter, j, keep, stats, damp)
+
+
+def compensate_layer(adapter: DecoderAdapter, j: int, keep: LayerKeep, stats: InputStatistics, damp: float) -> None:
+    """The compensation of layer ``j``'s cut (its weights must be resident; call before pruning it)."""
+    layer = adapter.layers[j]
+    _, _, _, o = adapter.attention_projections(layer)
+    _, _, down = adapter.mlp_projections(layer)
+    if keep.q_heads is not None and stats.attn[j] is not None:
+        _compensate_linear(o, head_rows(keep.q_heads, adapter.head_dim), stats.attn[j], stats.tokens, stats.method,
+                           damp)
+    if keep.mlp is not None and stats.mlp[j] is not None:
+        _compensate_linear(down, keep.mlp, stats.mlp[j], stats.tokens, stats.method, damp)

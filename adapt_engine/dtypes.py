@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from .args import DTYPE_NAMES
 from .errors import UsageError
 
 DEFAULT_DTYPE = torch.float32
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {name: getattr(torch, torch_name) for name, torch_name in DTYPE_NAMES.items()}
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype:

@@ -19,7 +19,6 @@ from .fsio import atomic_write, atomic_write_json
 from .models import load_model
 from .serving import run_engine
 
-ENGINE_CHOICES = ("hf", "vllm", "llama.cpp")
 FORMAT_OF = {"vllm": "vllm", "llama.cpp": "gguf"}
 JSON_NAME = "bench_engine.json"
 CHART_NAME = "bench_engine.png"

@@ -19,5 +19,9 @@ class UsageError(AdaptEngineError, ValueError):
     """A command-line value or argument combination that cannot work."""
 
 
+class BenchInputError(UsageError):
+    """Bad benchmark input; the message names the problem and the fix."""
+
+
 class OutputPathError(AdaptEngineError, ValueError):
     """An output location that cannot be written, or that would destroy something it must not."""

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from .args import EXPORT_DTYPES, FORMATS, ExportSettings
 from .errors import UsageError
 from .export_deci import write_deci
 from .export_gguf import write_gguf
@@ -19,31 +19,11 @@ from .export_layout import check_exportable, padded_head_count, padding_cost, se
 from .flops import forward_flops_per_token, model_shape
 from .fsio import atomic_dir, atomic_write_json
 from .models import load_model, parse_dtype
-from .options import DEFAULT_MODEL_NAME, check_output
-from .settings import check_bounds, setting
+from .options import check_output
 
-FORMATS = ("vllm", "gguf")
-EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 REPORT_NAME = "export_report.json"
 PADDING_CONTEXT = 512  # context length at which the attention part of the padding cost is quoted
 
-
-@dataclass
-class ExportSettings:
-    """Everything `adapt-engine export` can be told."""
-
-    format: str = setting(choices=FORMATS, required=True,
-                          help="vllm: DeciLM folder for vLLM (also loads in transformers with trust_remote_code); "
-                          "gguf: llama.cpp GGUF (arch deci)")
-    output: str = setting(required=True, help="folder to write (atomically)")
-    model: str | None = setting(None, help="pruned output, transformers folder or .gguf "
-                                f"(default: built-in {DEFAULT_MODEL_NAME})")
-    dtype: str = setting("float32", choices=EXPORT_DTYPES, help="weight dtype (default float32)")
-    overwrite: bool = setting(False, help="replace an earlier adapt-engine output")
-
-    def validate(self) -> None:
-        """UsageError for values that cannot work, before the model is loaded."""
-        check_bounds(self)
 
 def export_model(model, tokenizer, fmt: str, output: str | Path, dtype: str = "float32",
                  overwrite: bool = False, name: str = "adapt-engine export") -> dict:

@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 from .adapters import DecoderAdapter
-
-ATTENTION_MODES = ("query", "kv")
+from .args import ATTENTION_MODES
 
 # Score buckets per layer.
 Q_HEADS, KV_HEADS, MLP = "q_heads", "kv_heads", "mlp"

@@ -15,14 +15,10 @@ import torch
 from torch import nn
 
 from .adapters import DecoderAdapter
+from .args import CALIB_DTYPES, GRADIENT_IMPORTANCES, SIMILARITIES
 from .groups import GroupScores, Member, group_members
 from .kernels import group_saliency
 from .lm_loss import causal_lm_loss
-
-SIMILARITIES = ("cosine", "euclidean", "manhattan")
-IMPORTANCES = ("taylor", "magnitude", "random", "vectorize", "param_mix")
-GRADIENT_IMPORTANCES = ("taylor", "vectorize", "param_mix")  # the ones scored from calibration gradients
-CALIB_DTYPES = ("float32", "bfloat16", "auto")
 
 
 def _cpu_has_fast_bf16() -> bool:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from .args import IMPORTANCE_SCALES
 from .importance import normalize_importance
 
-IMPORTANCE_SCALES = ("max", "robust", "rank")
 _MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 _ROBUST_SIGMAS = 3.0
 

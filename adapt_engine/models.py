@@ -45,7 +45,8 @@ def default_model_path() -> Path:
     return files[0]
 
 
-def _is_pruned_dir(path: Path) -> bool:
+def is_pruned_dir(path: Path) -> bool:
+    """Whether ``path`` holds a model saved by adapt-engine (its config names an adapt_pruned_ model type)."""
     cfg = path / "config.json"
     if not cfg.is_file():
         return False
@@ -95,7 +96,7 @@ def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.
 
     torch_dtype = parse_dtype(dtype)
     where = resolve_spec(spec)
-    if isinstance(where, Path) and where.is_dir() and _is_pruned_dir(where):
+    if isinstance(where, Path) and where.is_dir() and is_pruned_dir(where):
         return load_pruned(where, device=device, dtype=torch_dtype), load_pruned_tokenizer(where)
     if isinstance(where, Path) and where.is_file():
         read_gguf(where)  # a truncated or malformed file fails here, with its name, not deep in transformers
@@ -169,7 +170,7 @@ def estimate_model_bytes(spec: str | None, dtype: str | torch.dtype | None = Non
         return None
     if where.is_file():
         return read_gguf(where).num_params * itemsize
-    files = pruned_weight_files(where) if _is_pruned_dir(where) else sorted(where.glob("*.safetensors"))
+    files = pruned_weight_files(where) if is_pruned_dir(where) else sorted(where.glob("*.safetensors"))
     if not files:
         read_config(where)  # a clear error for a folder that is no model at all
         weights = sorted(where.glob("pytorch_model*.bin"))

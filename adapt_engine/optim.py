@@ -28,7 +28,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .args import BACKENDS
 from .kernels import group_saliency
+from .kernels.adamw import AdamWHyper, AdamWTensors
 from .kernels.dispatch import triton_available
 
 try:
@@ -36,7 +38,6 @@ try:
 except ImportError:
     _get_fused_kernels_supported_devices = None
 
-BACKENDS = ("auto", "triton", "torch-fused", "torch-foreach")
 
 
 def _fused_devices() -> list[str]:
@@ -148,8 +149,8 @@ class AdamW(torch.optim.AdamW):
                     lst.append(t)
             lr = float(group["lr"])
             for step, (ps, gs, ms, vs) in by_step.items():
-                adamw_step_triton(ps, gs, ms, vs, step, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
-                                  weight_decay=group["weight_decay"])
+                adamw_step_triton(AdamWTensors(ps, gs, ms, vs), step,
+                                  AdamWHyper(lr, beta1, beta2, group["eps"], group["weight_decay"]))
         return loss
 
 

@@ -5,105 +5,56 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
 from .adapters import DecoderAdapter, LayerShape, count_params
 from .allocation import (
-    ALLOCATIONS,
-    LAYER_UPDATES,
     LayerCosts,
     budget_shape,
     incremental_sparsities,
     plan_budgets,
     step_targets,
 )
-from .compensation import COMPENSATIONS, InputStatistics, check_compensation, compensate_plan
+from .args import GRADIENT_IMPORTANCES, PruneSettings
+from .compensation import InputStatistics, check_compensation, compensate_layer, compensate_plan
 from .errors import UsageError
-from .groups import ATTENTION_MODES, GroupScores, LayerKeep, choose_attention_keep, choose_mlp_keep
+from .groups import GroupScores, LayerKeep, choose_attention_keep, choose_mlp_keep
 from .importance import (
-    CALIB_DTYPES,
-    GRADIENT_IMPORTANCES,
-    IMPORTANCES,
-    SIMILARITIES,
     calibration_pass,
     magnitude_scores,
     random_scores,
 )
-from .importance_scale import IMPORTANCE_SCALES, scale_importance
-from .settings import check_bounds, setting
-from .surgery import apply_plan
+from .importance_scale import scale_importance
+from .streaming import StreamedModel, StreamingError, streamed_calibration_pass
+from .surgery import apply_plan, prune_layer
 
 __all__ = ["PruneSettings", "AdaptPruner", "count_params"]
-
-SPLITS = ("saliency", "proportional")
-
-
-
-@dataclass
-class PruneSettings:
-    """Knobs of Adapt-Pruner (defaults are the paper's); each field is one flag of `prune` and `accel`."""
-
-    amplitude: float = setting(0.02, minimum=0.0, maximum=1.0,
-                               help="A in the per-layer shift A*I_j (paper default 0.02; 0 = uniform)")
-    steps: int = setting(50, minimum=1, help="sub-steps T of Algorithm 1 (default 50)")
-    allocation: str = setting("adaptive", choices=ALLOCATIONS,
-                              help="per-layer sparsity: adaptive (from layer importance) or uniform")
-    layer_update: str = setting(
-        "incremental", choices=LAYER_UPDATES,
-        help="per-layer sparsity at each sub-step: move it by the step's increment minus A*I_j, as the authors' "
-        "code does (default), or set it to S_cur - A*I_j (the paper's Eq. 6)")
-    importance: str = setting("taylor", choices=IMPORTANCES, help="group saliency (default taylor = |dL/dW * W|)")
-    similarity: str = setting("cosine", choices=SIMILARITIES,
-                              help="layer importance from the similarity of each layer's input and output")
-    attention: str = setting("query", choices=ATTENTION_MODES,
-                             help="attention granularity: same number of query heads per KV group, or whole KV groups")
-    round_to: int = setting(1, minimum=1, help="make every MLP width a multiple of K (1 = no rounding)")
-    split: str = setting("saliency", choices=SPLITS,
-                         help="inside a layer, remove attention units only where they are less salient than the MLP "
-                         "channels they would spare (default), or give attention its proportional share")
-    calib_batch_size: int = setting(32, minimum=1, help="calibration sequences per scored gradient")
-    # Activations of 8 sequences at a time, not 32 (README: peak RSS); the batch's scores are the same.
-    calib_micro_batch: int = setting(8, minimum=1, help="sequences per forward/backward inside a calibration batch "
-                                     "(same scores, activations of one micro-batch)")
-    calib_dtype: str = setting("float32", choices=CALIB_DTYPES,
-                               help="calibration forward/backward under bf16 autocast (fp32 weights and saliency); "
-                               "auto: bf16 where the device runs it fast")
-    seed: int = setting(0, help="random seed (calibration sample, data order, random importance)")
-    # Issue-18 quality levers (docs/quality.md has the ablation that chose these defaults).
-    compensate: str = setting("lstsq", choices=COMPENSATIONS,
-                              help="after each cut, refit the kept columns of o_proj/down_proj by ridge least squares "
-                              "on the calibration activations (lstsq, default), FLAP-style bias compensation (bias: "
-                              "models with o/down biases only), or plain removal (none)")
-    compensate_damp: float = setting(0.01, minimum=0.0,
-                                     help="ridge of --compensate lstsq, relative to the mean Gram diagonal")
-    calib_resample: bool = setting(False, help="draw fresh calibration windows every sub-step (seed + sub-step)")
-    importance_scale: str = setting("max", choices=IMPORTANCE_SCALES,
-                                    help="layer-importance normalisation: divide by max |I| (paper), robust "
-                                    "(median/MAD, clipped) or rank")
-
-    def validate(self) -> None:
-        """Raise UsageError naming the flag for any out-of-range setting."""
-        check_bounds(self)
-
-    @property
-    def needs_calibration(self) -> bool:
-        """Whether these settings read calibration data (gradient saliency or adaptive allocation)."""
-        return self.importance in GRADIENT_IMPORTANCES or self.allocation == "adaptive" or self.compensate != "none"
 
 
 class AdaptPruner:
     """Prunes a model in place towards parameter targets, one Algorithm-1 sub-step at a time."""
 
     def __init__(self, model, settings: PruneSettings, calib_ids: torch.Tensor | None,
-                 calib_sampler: Callable[[int], torch.Tensor] | None = None):
+                 calib_sampler: Callable[[int], torch.Tensor] | None = None,
+                 streamed: StreamedModel | None = None, scratch: Path | None = None):
         """``calib_sampler(i)`` gives sub-step i's calibration windows under ``calib_resample``
-        (sub-step 0 uses ``calib_ids``)."""
+        (sub-step 0 uses ``calib_ids``). With ``streamed`` (whose ``.model`` is ``model``), one decoder layer
+        is in memory at a time and every cut layer is rewritten to the ``scratch`` folder."""
         settings.validate()
         self.model = model
         self.settings = settings
-        self.adapter = DecoderAdapter(model)
+        self.streamed = streamed
+        self.scratch = scratch
+        self.adapter = streamed.adapter if streamed is not None else DecoderAdapter(model)
+        if streamed is not None:
+            if streamed.model is not model or scratch is None:
+                raise ValueError("a streamed pruner needs the streamed model itself and a scratch folder")
+            if settings.importance == "magnitude":
+                raise StreamingError("--importance magnitude reads every weight at once; with --offload layer use "
+                                     "taylor, vectorize, param_mix or random")
         self.calib_ids = calib_ids
         self.calib_sampler = calib_sampler
         if settings.calib_resample and calib_sampler is None:
@@ -142,9 +93,9 @@ class AdaptPruner:
         adaptive = s.allocation == "adaptive"
         gradient = s.importance in GRADIENT_IMPORTANCES
         raw, scores, loss = None, None, None
-        if adaptive or gradient or observers:
-            raw, scores, loss = calibration_pass(
-                self.adapter, self.calib_ids, s.calib_batch_size,
+        if adaptive or gradient or s.compensate != "none":
+            raw, scores, loss = self._calibration_pass(
+                self.calib_ids, s.calib_batch_size,
                 s.similarity if adaptive else None, s.importance if gradient else None, progress,
                 calib_dtype=s.calib_dtype, micro_batch_size=s.calib_micro_batch, observers=observers,
             )
@@ -157,6 +108,37 @@ class AdaptPruner:
         if raw is None:
             raw = torch.zeros(n, dtype=torch.float64)
         return raw, scores, loss
+
+    def _calibration_pass(self, *args, observers: tuple = (), **kwargs):
+        """:func:`calibration_pass`, or its streamed twin (whose cut sweep gathers compensation statistics
+        layer by layer instead of ``observers``)."""
+        if self.streamed is not None:
+            return streamed_calibration_pass(self.streamed, *args, **kwargs, keep_inputs=True)
+        return calibration_pass(self.adapter, *args, observers=observers, **kwargs)
+
+    def _cut(self, plan: list[LayerKeep], stats: InputStatistics | None, optimizer) -> None:
+        """Compensate (if asked) and remove what ``plan`` drops; streamed, one resident layer at a time."""
+        s = self.settings
+        if self.streamed is None:
+            if stats is not None:
+                stats.reduce_across_ranks()
+                compensate_plan(self.adapter, plan, stats, s.compensate_damp)
+            apply_plan(self.adapter, plan, optimizer)
+            return
+        for j, keep in enumerate(plan):
+            if keep.q_heads is None and keep.kv_heads is None and keep.mlp is None:
+                continue
+            with self.streamed.resident(j):
+                if s.compensate != "none":
+                    layer_stats = InputStatistics(self.adapter, s.compensate)
+                    with layer_stats.attached([j]):
+                        self.streamed.replay(j)  # the uncut layer's forward on its calibration inputs
+                    layer_stats.reduce_across_ranks()
+                    compensate_layer(self.adapter, j, keep, layer_stats, s.compensate_damp)
+                prune_layer(self.adapter, j, keep)
+                self.streamed.rewrite(j, self.scratch)
+        self.streamed.forget_inputs()
+        self.adapter.record_shapes()
 
     @staticmethod
     def _reduce_across_ranks(scores: GroupScores) -> GroupScores:
@@ -174,9 +156,9 @@ class AdaptPruner:
         if s.calib_resample and self.history:
             self.calib_ids = self.calib_sampler(len(self.history))
         stats = InputStatistics(self.adapter, s.compensate) if s.compensate != "none" else None
-        observers = (stats,) if stats is not None else ()
-        if group_scores is not None and (s.allocation == "adaptive" or observers):
-            raw, _, loss = calibration_pass(self.adapter, self.calib_ids, s.calib_batch_size,
+        observers = (stats,) if stats is not None and self.streamed is None else ()
+        if group_scores is not None and (s.allocation == "adaptive" or s.compensate != "none"):
+            raw, _, loss = self._calibration_pass(self.calib_ids, s.calib_batch_size,
                                             s.similarity if s.allocation == "adaptive" else None, None, progress,
                                             calib_dtype=s.calib_dtype, micro_batch_size=s.calib_micro_batch,
                                             observers=observers)
@@ -223,10 +205,7 @@ class AdaptPruner:
             if new.intermediate_size < cur.intermediate_size:
                 keep.mlp = choose_mlp_keep(scores.mlp[j], new.intermediate_size)
             plan.append(keep)
-        if stats is not None:
-            stats.reduce_across_ranks()
-            compensate_plan(self.adapter, plan, stats, s.compensate_damp)
-        apply_plan(self.adapter, plan, optimizer)
+        self._cut(plan, stats, optimizer)
         record = {
             "target_params": int(target_params),
             "params": count_params(self.model),

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
+from .args import ModelSettings
 from .bench import format_quick_speedup, quick_speedup
 from .fsio import atomic_write
 from .models import load_model
-from .options import ModelSettings
 from .saving import save_pruned
 
 REPORT_VERSION = 2  # 1: the separate prune/accel dicts (accel had only ppl_initial/ppl_final)
@@ -204,17 +204,22 @@ def save_figure(fig, path: str | Path) -> Path:
 
 
 def finish_run(report: RunReport, model, tokenizer, output: str | Path, *, dense: ModelSettings, bench: bool,
-               extra: Callable[[Path], None] | None = None) -> Path:
+               extra: Callable[[Path], None] | None = None,
+               write_weights: Callable[[Path], None] | None = None) -> Path:
     """The end of `prune` and `accel`: save the model with its report and chart, print the report, and (unless
-    --no-bench) the measured speedup over the dense model."""
-    out = save_pruned(model, tokenizer, output, report.to_dict())
+    --no-bench) the measured speedup over the dense model. ``write_weights`` saves a streamed model's weights
+    (no bench then: it would load both models whole)."""
+    out = save_pruned(model, tokenizer, output, report.to_dict(), write_weights=write_weights)
     if extra is not None:
         extra(out)
     plot_report(report, out / "pruning_report.png")
     print(format_report(report))
     print(f"\nsaved to {out}  (reload: adapt_engine.load_pruned('{out}') or "
           f"AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True))")
-    if bench:
+    if bench and write_weights is not None:
+        print("bench skipped: the model was streamed (--offload layer); time it with `adapt-engine bench --compare "
+              f"{out}` where both models fit in memory")
+    elif bench:
         dense_model, _ = load_model(dense.model, device=dense.device, dtype=dense.dtype)
         print(format_quick_speedup(quick_speedup(dense_model, model)))
     return out

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -88,11 +89,13 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def save_pruned(model, tokenizer, output_dir: str | Path, report: dict | None = None) -> Path:
+def save_pruned(model, tokenizer, output_dir: str | Path, report: dict | None = None,
+                write_weights: Callable[[Path], None] | None = None) -> Path:
     """Write a pruned (or unpruned) model in the reloadable adapt-engine format, atomically.
 
     An existing output is replaced only if adapt-engine wrote it (or it is empty); it is swapped with the
-    new one in one step, so the path always holds a complete model.
+    new one in one step, so the path always holds a complete model. ``write_weights(folder)`` writes the
+    safetensors instead of ``model.save_pretrained`` (a streamed model whose weights are not in memory).
     """
     adapter = DecoderAdapter(model)
     adapter.record_shapes()
@@ -104,7 +107,13 @@ def save_pruned(model, tokenizer, output_dir: str | Path, report: dict | None = 
         raise PrunedModelError(f"'{out}' holds files that adapt-engine did not write; refusing to replace it. "
                                f"Choose another output folder")
     with atomic_dir(out, overwrite=True, marker="model") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if write_weights is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            write_weights(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         cfg_path = tmp / "config.json"
@@ -209,6 +218,15 @@ def load_pruned(path: str | Path, device: str = "cpu", dtype: torch.dtype | str 
     ``models.load_model`` too). Config and weight headers are checked before anything is built.
     """
     path = Path(path)
+    model_cls, config = pruned_config(path)
+    model = model_cls.from_pretrained(path, config=config, dtype=parse_dtype(dtype), use_safetensors=True)
+    model.to(device)
+    model.eval()
+    return model
+
+
+def pruned_config(path: Path):
+    """(model class, config) of a saved pruned model, with config and weight headers checked."""
     raw = _read_config(path)
     family = raw.get("adapt_base_model_type") or str(raw.get("model_type", "")).removeprefix(PRUNED_PREFIX)
     if not isinstance(family, str) or family not in FAMILIES:
@@ -227,10 +245,7 @@ def load_pruned(path: str | Path, device: str = "cpu", dtype: torch.dtype | str 
         raise PrunedModelError(f"{path}/config.json is invalid for a {family} model: {err}") from err
     model_cls = pruned_class(family)
     _check_weights(path, model_cls, config, weights.shapes)
-    model = model_cls.from_pretrained(path, config=config, dtype=parse_dtype(dtype), use_safetensors=True)
-    model.to(device)
-    model.eval()
-    return model
+    return model_cls, config
 
 
 def load_pruned_tokenizer(path: str | Path):

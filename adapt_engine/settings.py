@@ -301,3 +301,25 @@ class CommandSettings:
             if sub is not None and is_dataclass(value) and name in flat_names(sub, sub_exclude):
                 return getattr(value, name)
         raise AttributeError(f"{type(self).__name__} has no setting '{name}'")
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type of a comma-separated list of positive integers (``1,8``)."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,8, got '{text}'") from err
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,8, got '{text}'")
+    return values
+
+
+def positive_int(text: str) -> int:
+    """argparse type of one positive integer."""
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from err
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'")
+    return value

@@ -5,7 +5,7 @@ Importable without transformers; triton is imported only when a CUDA tensor need
 Backends: Triton (CUDA), C++ built just in time (CPU), plain torch (reference / fallback).
 """
 
-from .adamw import adamw_step_reference
+from .adamw import AdamWHyper, AdamWTensors, adamw_step_reference
 from .cpu_extension import CppBuildError
 from .dispatch import adamw_step, backend_for, gather_channels, group_saliency, linear_cross_entropy
 from .gather import gather_channels_reference
@@ -14,6 +14,8 @@ from .saliency import finalize_saliency, group_saliency_reference
 
 __all__ = [
     "CppBuildError",
+    "AdamWHyper",
+    "AdamWTensors",
     "adamw_step",
     "adamw_step_reference",
     "backend_for",

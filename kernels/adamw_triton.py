@@ -11,14 +11,13 @@ so the optimizer tests can run the interpreter in-process next to compiled-mode 
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .adamw import BLOCK, ITERS, check_adamw_args
+from .adamw import BLOCK, ITERS, AdamWHyper, AdamWTensors
 
 NUM_WARPS = 4
 _TRITON_DTYPES = ("float32", "bfloat16", "float16")
@@ -107,21 +106,10 @@ def _chunk_table(numels: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.stack([tensor_idx, starts], 1).contiguous().to(device)
 
 
-def adamw_step_triton(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    step: int,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
+def adamw_step_triton(tensors: AdamWTensors, step: int, hyper: AdamWHyper) -> None:
     """Fused AdamW update in place with the Triton kernel (CUDA tensors, or CPU under TRITON_INTERPRET=1)."""
-    check_adamw_args(params, grads, exp_avgs, exp_avg_sqs, step)
+    tensors.check(step)
+    params, grads, exp_avgs, exp_avg_sqs = tensors.params, tensors.grads, tensors.exp_avgs, tensors.exp_avg_sqs
     if not params:
         return
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -146,8 +134,8 @@ def adamw_step_triton(
             if x.device != device:
                 raise ValueError(f"all tensors must be on one device, got {x.device} and {device}")
         groups.setdefault((p.dtype, m.dtype), []).append(i)
-    bc1 = 1.0 - beta1**step
-    bc2_sqrt = math.sqrt(1.0 - beta2**step)
+    h = hyper
+    bc1, bc2_sqrt = h.bias_corrections(step)
     # Grads are read only: a non-contiguous one is copied (rare; autograd makes contiguous grads).
     grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
     for (pdt, sdt), idx in groups.items():
@@ -161,7 +149,7 @@ def adamw_step_triton(
         chunks = _chunk_table(numels, device)
         kernel[(chunks.shape[0],)](
             addrs, numel_t, chunks,
-            lr, beta1, beta2, eps, 1.0 - lr * weight_decay, lr / bc1, bc2_sqrt,
+            h.lr, h.beta1, h.beta2, h.eps, 1.0 - h.lr * h.weight_decay, h.lr / bc1, bc2_sqrt,
             P_DTYPE=getattr(tl, _dtype_name(pdt)), S_DTYPE=getattr(tl, _dtype_name(sdt)),
             BLOCK=BLOCK, ITERS=ITERS, num_warps=NUM_WARPS,
         )

@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import torch
 
-from .adamw import adamw_step_reference
+from .adamw import AdamWHyper, AdamWTensors, adamw_step_reference
 from .cpu_extension import load_cpu_kernels
 from .gather import gather_channels_with, gather_inplace_reference
 from .linear_ce import ce_rows_torch, run_linear_cross_entropy
@@ -143,8 +143,7 @@ def adamw_step(
         from .adamw_triton import adamw_step_triton
 
         fn = adamw_step_triton
-    fn(params, grads, exp_avgs, exp_avg_sqs, step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-       weight_decay=weight_decay)
+    fn(AdamWTensors(params, grads, exp_avgs, exp_avg_sqs), step, AdamWHyper(lr, beta1, beta2, eps, weight_decay))
 # -- fused linear + cross-entropy (kernels/linear_ce.py) -------------------------------------------
 def _ce_rows_for(tensor: torch.Tensor):
     """Row kernel of the fused loss: Triton on CUDA when installed, else plain torch (CPU: see docs/kernels.md)."""

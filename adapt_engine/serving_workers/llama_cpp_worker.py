@@ -10,11 +10,10 @@ Request: {"models": [{"path": GGUF, "prompts": [[token ids]], "max_tokens": N, "
 The KV cache is kept in float32 so a float32 GGUF is compared with float32 transformers.
 """
 
-import json
-import sys
 import time
 
 import numpy as np
+from protocol import serve  # beside this script
 
 
 def _log_softmax(row):
@@ -75,19 +74,8 @@ def _bench(request):
 
 
 def main():
-    request = json.loads(sys.stdin.read())
-    if "bench" in request:
-        print("RESULT " + json.dumps(_bench(request)), flush=True)
-        return
-    results = []
-    for spec in request["models"]:
-        t0 = time.perf_counter()
-        llm = _load(spec["path"], request.get("n_ctx", 512), request.get("threads", 2))
-        startup = time.perf_counter() - t0
-        body = _greedy(llm, spec)
-        results.append({"path": spec["path"], "startup_s": startup, "result": body})
-        llm.close()
-    print("RESULT " + json.dumps(results), flush=True)
+    serve(lambda path, request: _load(path, request.get("n_ctx", 512), request.get("threads", 2)),
+          _greedy, _bench, lambda llm: llm.close())
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ Request: {"models": [{"path": DIR, "prompts": [[token ids]], "max_tokens": N, "t
 import gc
 import json
 import os
-import sys
 import time
+
+from protocol import serve  # beside this script
 
 
 def _llm(path, dtype, max_model_len):
@@ -73,26 +74,19 @@ def _bench(request):
     return out
 
 
+def _close(llm):
+    engine = getattr(llm, "llm_engine", None)
+    core = getattr(engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    del llm
+    gc.collect()
+
+
 def main():
-    request = json.loads(sys.stdin.read())
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    if "bench" in request:
-        print("RESULT " + json.dumps(_bench(request)), flush=True)
-        return
-    results = []
-    for spec in request["models"]:
-        t0 = time.perf_counter()
-        llm = _llm(spec["path"], request.get("dtype", "float32"), request.get("max_model_len", 512))
-        startup = time.perf_counter() - t0
-        body = _greedy(llm, spec)
-        results.append({"path": spec["path"], "startup_s": startup, "result": body})
-        engine = getattr(llm, "llm_engine", None)
-        core = getattr(engine, "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
-        del llm
-        gc.collect()
-    print("RESULT " + json.dumps(results), flush=True)
+    serve(lambda path, request: _llm(path, request.get("dtype", "float32"), request.get("max_model_len", 512)),
+          _greedy, _bench, _close)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ FIXTURE = Path(__file__).parent / "data" / "cli_flags.json"
 # accel takes only the layer-importance scale).
 CALIB = {"--calib-micro-batch", "--calib-dtype", "--importance-scale"}
 QUALITY = {"--compensate", "--compensate-damp", "--calib-resample"}
-ADDED = {"prune": CALIB | QUALITY, "eval": set(), "bench": {"--engine", "--concurrency"},
+ADDED = {"prune": CALIB | QUALITY | {"--offload"}, "eval": set(), "bench": {"--engine", "--concurrency"},
          "accel": {"--no-bench"} | CALIB}
 
 

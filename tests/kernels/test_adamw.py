@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from adapt_engine.kernels import adamw_step
-from adapt_engine.kernels.adamw import BLOCK, ITERS, adamw_step_reference
+from adapt_engine.kernels.adamw import BLOCK, ITERS, AdamWHyper, AdamWTensors, adamw_step_reference
 from adapt_engine.kernels.dispatch import triton_available
 
 if triton_available():
@@ -61,7 +61,7 @@ def test_reference_matches_torch_adamw_over_steps(shape):
         g = torch.randn(shape)
         p.grad = g.clone()
         opt.step()
-        adamw_step_reference([q], [g], [m], [v], step, **HP)
+        adamw_step_reference(AdamWTensors([q], [g], [m], [v]), step, AdamWHyper(**HP))
     torch.testing.assert_close(q, p.detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(m, opt.state[p]["exp_avg"], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(v, opt.state[p]["exp_avg_sq"], rtol=1e-6, atol=1e-9)
@@ -73,8 +73,8 @@ def test_reference_matches_torch_adamw_over_steps(shape):
 def test_triton_matches_reference(interpret, dtype, step):
     p, g, m, v = _tensors(SHAPES, dtype)
     p2, m2, v2 = _clone(p), _clone(m), _clone(v)
-    adamw_step_triton(p, g, m, v, step, **HP)
-    adamw_step_reference(p2, g, m2, v2, step, **HP)
+    adamw_step_triton(AdamWTensors(p, g, m, v), step, AdamWHyper(**HP))
+    adamw_step_reference(AdamWTensors(p2, g, m2, v2), step, AdamWHyper(**HP))
     for a, b in zip(p + m + v, p2 + m2 + v2):
         torch.testing.assert_close(a.float(), b.float(), **TOL[dtype])
 
@@ -86,8 +86,8 @@ def test_triton_low_precision_params_with_fp32_state(interpret):
     pf, gf, mf, vf = _tensors([(9,)], torch.float32, seed=1)
     p, g, m, v = pb + pf, gb + gf, mb + mf, vb + vf
     p2, m2, v2 = _clone(p), _clone(m), _clone(v)
-    adamw_step_triton(p, g, m, v, 3, **HP)
-    adamw_step_reference(p2, g, m2, v2, 3, **HP)
+    adamw_step_triton(AdamWTensors(p, g, m, v), 3, AdamWHyper(**HP))
+    adamw_step_reference(AdamWTensors(p2, g, m2, v2), 3, AdamWHyper(**HP))
     for a, b in zip(m + v, m2 + v2):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -99,12 +99,12 @@ def test_triton_low_precision_params_with_fp32_state(interpret):
 def test_triton_after_tensors_shrink(interpret):
     """The chunk table follows the current numels: shrink a tensor (as pruning does) and step again."""
     p, g, m, v = _tensors([(40, 24)], torch.float32)
-    adamw_step_triton(p, g, m, v, 1, **HP)
+    adamw_step_triton(AdamWTensors(p, g, m, v), 1, AdamWHyper(**HP))
     keep = torch.tensor([0, 3, 5, 17, 39])
     p, g, m, v = ([x[keep].contiguous()] for x in (p[0], g[0], m[0], v[0]))
     p2, m2, v2 = _clone(p), _clone(m), _clone(v)
-    adamw_step_triton(p, g, m, v, 2, **HP)
-    adamw_step_reference(p2, g, m2, v2, 2, **HP)
+    adamw_step_triton(AdamWTensors(p, g, m, v), 2, AdamWHyper(**HP))
+    adamw_step_reference(AdamWTensors(p2, g, m2, v2), 2, AdamWHyper(**HP))
     torch.testing.assert_close(p[0], p2[0], **TOL[torch.float32])
 
 
@@ -113,20 +113,20 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     p, g, m, v = _tensors([(4,)], torch.float32)
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
-        adamw_step_triton(p, g, m, v, 1, **HP)
+        adamw_step_triton(AdamWTensors(p, g, m, v), 1, AdamWHyper(**HP))
 
 
 def test_dispatch_uses_reference_off_gpu():
     p, g, m, v = _tensors([(6, 5)], torch.float32)
     p2, m2, v2 = _clone(p), _clone(m), _clone(v)
     adamw_step(p, g, m, v, 2, **HP)
-    adamw_step_reference(p2, g, m2, v2, 2, **HP)
+    adamw_step_reference(AdamWTensors(p2, g, m2, v2), 2, AdamWHyper(**HP))
     assert torch.equal(p[0], p2[0])
 
 
 def test_shape_mismatch_names_the_fix():
     p, g, m, v = _tensors([(6, 5)], torch.float32)
     with pytest.raises(ValueError, match="slice the optimizer state"):
-        adamw_step_reference(p, g, [m[0][:3]], v, 1, **HP)
+        adamw_step_reference(AdamWTensors(p, g, [m[0][:3]], v), 1, AdamWHyper(**HP))
     with pytest.raises(ValueError, match="step counter"):
-        adamw_step_reference(p, g, m, v, 0, **HP)
+        adamw_step_reference(AdamWTensors(p, g, m, v), 0, AdamWHyper(**HP))

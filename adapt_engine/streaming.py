@@ -1,0 +1,444 @@
+"""Layer-streamed calibration: the saliency and layer importances of a model that is never whole in memory.
+
+The model is built as a skeleton whose decoder-layer weights are placeholders (a zero-byte expanded view
+with the weight's shape, so shapes, parameter counts and the pruning plan all work), and only "the ends"
+(embedding, final norm, LM head) are loaded. Weights come from the folder's safetensors shards, which are
+memory-mapped: one decoder layer is resident at a time.
+
+The pass runs layer-major instead of batch-major and computes what :func:`importance.calibration_pass`
+computes, in the same order for each layer:
+
+1. **capture**: the model's own forward runs with every decoder layer replaced by a tap, which records the
+   layer's keyword arguments (masks, rotary embeddings: whatever the family passes) and the embedding
+   output. Family differences (embedding scaling, masks, sliding windows) stay the model's own code.
+2. **forward sweep**: layer j is loaded, every calibration micro-batch goes through it (layer-similarity
+   and compensation hooks watch, as in the in-memory pass), its inputs are kept for the backward sweep,
+   and the layer is released.
+3. **loss**: the model's own head (final norm, LM head, fused loss) runs on the last layer's output, whose
+   gradient starts the backward sweep.
+4. **backward sweep**, from the last layer down: layer j is loaded, its forward is recomputed from the
+   stored input, the stored output gradient is back-propagated, the weight gradients are reduced to group
+   scores by the same collector hooks (batch by batch, micro-batches summed), and the input gradient is
+   handed down.
+
+Memory at the peak: the ends, one layer with its gradients, and the stored layer inputs
+(``layers × calibration tokens × hidden × 4`` bytes in float32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .adapters import DecoderAdapter
+from .errors import AdaptEngineError
+from .fsio import atomic_write_json
+from .importance import LayerSimilarity, SaliencyCollector, _hidden_out, resolve_calib_dtype
+from .lm_loss import causal_lm_loss
+
+LAYER_PREFIX = "model.layers."
+
+
+class StreamingError(AdaptEngineError, ValueError):
+    """A model that cannot be streamed layer by layer; the message names why and the alternative."""
+
+
+def placeholder(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of ``shape`` that owns one element: stands in for a weight that is not resident."""
+    return torch.zeros((), dtype=dtype).expand(shape)
+
+
+def is_placeholder(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a stand-in made by :func:`placeholder` (stride 0 in every dimension)."""
+    return t.dim() > 0 and t.numel() > 1 and all(s == 0 for s in t.stride())
+
+
+class ShardStore:
+    """The tensors of a model folder's safetensors shards, read group by group (memory-mapped)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.folder / f for name, f in weight_map.items()}
+        else:
+            files = sorted(self.folder.glob("*.safetensors"))
+            if not files:
+                raise StreamingError(f"{self.folder} has no safetensors weights; streaming reads safetensors "
+                                     f"shards (convert the model, or prune without streaming)")
+            self.files = {}
+            for f in files:
+                with safe_open(str(f), framework="pt") as fh:
+                    self.files.update({name: f for name in fh.keys()})
+
+    def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The tensors ``names`` at ``dtype`` (each shard opened once)."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in self.files:
+                raise StreamingError(f"{self.folder} lacks weight '{name}'; the save is incomplete")
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        for f, group in by_file.items():
+            with safe_open(str(f), framework="pt") as fh:
+                for name in group:
+                    out[name] = fh.get_tensor(name).to(dtype)
+        return out
+
+
+def _replace_with_placeholders(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every meta parameter becomes a placeholder Parameter (tied parameters stay one object)."""
+    new: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in new:
+                new[id(p)] = nn.Parameter(placeholder(p.shape, dtype), requires_grad=p.requires_grad)
+            module._parameters[name] = new[id(p)]
+
+
+def _param_names(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameter name (as stored in the shards; a tied parameter under its first name) → parameter."""
+    return dict(model.named_parameters())
+
+
+def build_skeleton(config, model_cls, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of ``config`` with every weight a placeholder and every buffer real."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = model_cls(config) if model_cls is not None else _auto_model(config)
+    model.tie_weights()  # a tied head must stay the embedding's own parameter through the replacement
+    _replace_with_placeholders(model, dtype)
+    return model.eval()
+
+
+def _auto_model(config) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config)
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def resolve_offload(mode: str, model: str | None, dtype: str) -> str:
+    """``none`` or ``layer`` for ``--offload mode``; ``auto`` streams a local safetensors folder whose weights
+    would take more than half of the available memory."""
+    if mode != "auto":
+        return mode
+    from .models import estimate_model_bytes
+
+    folder = Path(model).expanduser() if model else None
+    if folder is None or not folder.is_dir() or not any(folder.glob("*.safetensors")):
+        return "none"
+    need, free = estimate_model_bytes(str(folder), dtype), available_memory_bytes()
+    return "layer" if need and free and need > free / 2 else "none"
+
+
+def streamed_perplexity(streamed: StreamedModel, ids: torch.Tensor, seq_len: int = 512, batch_size: int = 4,
+                        max_tokens: int | None = None) -> dict:
+    """:func:`evaluate.perplexity` of a streamed model (the same windows and sums)."""
+    from .evaluate import eval_batches, perplexity_result
+
+    batches = eval_batches(ids, seq_len, batch_size, max_tokens)
+    return perplexity_result(streamed_nll(streamed, batches), batches)
+
+
+def open_streamed(folder: str | Path, dtype: torch.dtype) -> StreamedModel:
+    """A :class:`StreamedModel` of a transformers model folder or a saved pruned model (safetensors only)."""
+    from .models import is_pruned_dir
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise StreamingError(f"streaming reads a model folder with safetensors shards; '{folder}' is not a folder "
+                             f"(a .gguf file or hub id loads whole: use --offload none)")
+    if is_pruned_dir(folder):
+        from .saving import pruned_config
+
+        model_cls, config = pruned_config(folder)
+    else:
+        from transformers import AutoConfig
+
+        model_cls, config = None, AutoConfig.from_pretrained(str(folder))
+    return StreamedModel(build_skeleton(config, model_cls, dtype), ShardStore(folder), dtype)
+
+
+class StreamedModel:
+    """A skeleton model whose decoder layers are loaded from a :class:`ShardStore` one at a time."""
+
+    def __init__(self, model: nn.Module, store: ShardStore, dtype: torch.dtype):
+        self.model = model
+        self.store = store
+        self.dtype = dtype
+        self.adapter = DecoderAdapter(model)
+        names = _param_names(model)
+        self.layer_params: list[dict[str, nn.Parameter]] = [{} for _ in self.adapter.layers]
+        self.end_params: dict[str, nn.Parameter] = {}
+        self.kept: tuple | None = None  # calibration inputs of every layer, for replay()
+        for name, p in names.items():
+            if name.startswith(LAYER_PREFIX):
+                index = int(name[len(LAYER_PREFIX):].split(".", 1)[0])
+                self.layer_params[index][name] = p
+            else:
+                self.end_params[name] = p
+        self._load(self.end_params)
+
+    def _load(self, params: dict[str, nn.Parameter]) -> None:
+        tensors = self.store.read(list(params), self.dtype)
+        for name, p in params.items():
+            if tuple(tensors[name].shape) != tuple(p.shape):
+                raise StreamingError(f"weight '{name}' has shape {tuple(tensors[name].shape)} in "
+                                     f"{self.store.folder} but the config builds {tuple(p.shape)}")
+            p.data = tensors[name]
+
+    def replay(self, index: int) -> None:
+        """Run resident layer ``index`` on its kept calibration inputs (its forward hooks watch)."""
+        if self.kept is None:
+            raise RuntimeError("no calibration inputs kept: run streamed_calibration_pass(..., keep_inputs=True)")
+        inputs, calls, autocast = self.kept
+        layer = self.adapter.layers[index]
+        with torch.no_grad(), autocast():
+            for m, x in enumerate(inputs[index]):
+                layer(x, **calls[m][index])
+
+    def forget_inputs(self) -> None:
+        """Free the kept calibration inputs."""
+        self.kept = None
+
+    def rewrite(self, index: int, scratch: Path) -> None:
+        """Persist resident layer ``index`` (after surgery) to ``scratch``; later loads read it from there."""
+        params = self.layer_params[index]
+        path = scratch / f"layer-{index:05d}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file({name: p.data.contiguous() for name, p in params.items()}, str(tmp), metadata={"format": "pt"})
+        tmp.replace(path)  # scratch of this run only: a rename is enough, no fsync
+        self.store.files.update({name: path for name in params})
+
+    def write_weights(self, folder: Path) -> None:
+        """Write every weight to ``folder`` as safetensors shards (one per layer, one for the rest) with an
+        index, one layer in memory at a time (the layout transformers reads)."""
+        n = len(self.layer_params)
+        files = [f"model-{i + 1:05d}-of-{n + 1:05d}.safetensors" for i in range(n + 1)]
+        weight_map: dict[str, str] = {}
+        for i, params in enumerate([*self.layer_params, self.end_params]):
+            tensors = self.store.read(list(params), self.dtype)
+            save_file(tensors, str(folder / files[i]), metadata={"format": "pt"})
+            weight_map.update({name: files[i] for name in tensors})
+            del tensors
+        total = sum((folder / f).stat().st_size for f in files)
+        atomic_write_json(folder / "model.safetensors.index.json",
+                          {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+
+    @contextlib.contextmanager
+    def resident(self, index: int) -> Iterator[nn.Module]:
+        """Decoder layer ``index`` with its real weights while inside the block; placeholders again after."""
+        params = self.layer_params[index]
+        self._load(params)
+        try:
+            yield self.adapter.layers[index]
+        finally:
+            for p in params.values():
+                p.data = placeholder(p.shape, self.dtype)
+                p.grad = None
+
+
+class _Tap(nn.Module):
+    """Stands in for a decoder layer: records its call, and returns ``replacement`` or its input."""
+
+    def __init__(self, record: Callable[[torch.Tensor, dict], None] | None = None,
+                 replacement: torch.Tensor | None = None):
+        super().__init__()
+        self.record = record
+        self.replacement = replacement
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.record is not None:
+            self.record(hidden_states, kwargs)
+        return self.replacement if self.replacement is not None else hidden_states
+
+
+@contextlib.contextmanager
+def _tapped(model: nn.Module, taps: list[nn.Module]) -> Iterator[None]:
+    layers = model.model.layers
+    saved = list(layers)
+    try:
+        for i, tap in enumerate(taps):
+            layers[i] = tap
+        yield
+    finally:
+        for i, layer in enumerate(saved):
+            layers[i] = layer
+
+
+def _capture(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
+    """(embedding output, keyword arguments of every decoder layer) of one micro-batch."""
+    n = len(model.model.layers)
+    calls: list[dict] = [{} for _ in range(n)]
+    first: list[torch.Tensor] = []
+
+    def recorder(i: int):
+        def record(hidden: torch.Tensor, kwargs: dict) -> None:
+            if i == 0:
+                first.append(hidden.detach())
+            calls[i] = kwargs
+
+        return record
+
+    with _tapped(model, [_Tap(recorder(i)) for i in range(n)]), torch.no_grad():
+        model.model(input_ids=ids, use_cache=False)
+    return first[0], calls
+
+
+def _capture_all(model: nn.Module, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """Embedding outputs and per-layer keyword arguments of every micro-batch."""
+    hidden, calls = [], []
+    for ids in batches:
+        h, c = _capture(model, ids)
+        hidden.append(h)
+        calls.append(c)
+    return hidden, calls
+
+
+@torch.no_grad()
+def _forward_sweep(streamed: StreamedModel, hidden: list[torch.Tensor], calls: list[list[dict]], autocast,
+                   keep_inputs: bool) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """Every micro-batch through every layer, one resident layer at a time; returns the last layer's outputs
+    and (``keep_inputs``) every layer's inputs."""
+    inputs: list[list[torch.Tensor]] = []
+    for j in range(len(streamed.adapter.layers)):
+        if keep_inputs:
+            inputs.append(hidden)
+        with streamed.resident(j) as layer, autocast():
+            hidden = [_hidden_out(layer(x, **calls[m][j])) for m, x in enumerate(hidden)]
+    return hidden, inputs
+
+
+def _head_loss(model: nn.Module, ids: torch.Tensor, top: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The model's own loss of ``ids`` with ``top`` as the last decoder layer's output (final norm, LM head)."""
+    n = len(model.model.layers)
+    with _tapped(model, [_Tap() for _ in range(n - 1)] + [_Tap(replacement=top)]):
+        return causal_lm_loss(model, ids, reduction=reduction)
+
+
+def streamed_nll(streamed: StreamedModel, batches: list[torch.Tensor]) -> float:
+    """Summed next-token loss of ``batches`` (as ``causal_lm_loss(..., reduction='sum')``), streamed."""
+    hidden, calls = _capture_all(streamed.model, batches)
+    hidden, _ = _forward_sweep(streamed, hidden, calls, contextlib.nullcontext, keep_inputs=False)
+    with torch.no_grad():
+        return sum(float(_head_loss(streamed.model, ids, h, "sum")) for ids, h in zip(batches, hidden))
+
+
+def _micro_batches(calib_ids: torch.Tensor, batch_size: int, micro: int) -> list[list[tuple[int, torch.Tensor]]]:
+    """Calibration batches, each a list of (row count of its batch, micro-batch ids)."""
+    out = []
+    for start in range(0, calib_ids.shape[0], batch_size):
+        batch = calib_ids[start:start + batch_size]
+        out.append([(batch.shape[0], batch[m:m + micro]) for m in range(0, batch.shape[0], micro)])
+    return out
+
+
+def streamed_calibration_pass(
+    streamed: StreamedModel,
+    calib_ids: torch.Tensor,
+    batch_size: int,
+    similarity: str | None,
+    saliency_metric: str | None,
+    progress=None,
+    calib_dtype: str = "float32",
+    micro_batch_size: int | None = None,
+    observers: tuple = (),
+    keep_inputs: bool = False,
+) -> tuple[torch.Tensor | None, object, float]:
+    """:func:`importance.calibration_pass` with one decoder layer resident at a time (same arguments and
+    results: raw layer importances, group saliency, mean loss). ``keep_inputs`` keeps every layer's
+    calibration inputs on ``streamed`` for :meth:`StreamedModel.replay` (until ``forget_inputs``)."""
+    model, adapter = streamed.model, streamed.adapter
+    device = torch.device("cpu")
+    amp_dtype = resolve_calib_dtype(calib_dtype, device)
+    use_amp = amp_dtype != torch.float32 and streamed.dtype == torch.float32
+    batches = _micro_batches(calib_ids, batch_size, min(batch_size, micro_batch_size or batch_size))
+    micros = [(rows, ids) for batch in batches for rows, ids in batch]
+    sim = LayerSimilarity(adapter, similarity) if similarity else None
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp)
+
+    hidden, calls = _capture_all(model, [ids for _, ids in micros])
+    with contextlib.ExitStack() as stack:
+        if sim is not None:
+            stack.enter_context(sim.attached())
+        for observer in observers:
+            stack.enter_context(observer.attached())
+        hidden, inputs = _forward_sweep(streamed, hidden, calls, autocast, keep_inputs=True)
+    raw = sim.importance() if sim is not None else None
+    if keep_inputs:
+        streamed.kept = (inputs, calls, autocast)
+    # 3. loss through the model's own head; its gradient starts the backward sweep. The collector freezes
+    # every weight but the prunable ones (which sit in taps here), so only the top hidden state gets a grad.
+    collector = SaliencyCollector(adapter, saliency_metric) if saliency_metric else None
+    total_loss = 0.0
+    with collector.attached() if collector is not None else contextlib.nullcontext():
+        grads: list[torch.Tensor] = []
+        for m, (rows, ids) in enumerate(micros):
+            top = hidden[m].detach().requires_grad_(collector is not None)
+            with autocast(), torch.set_grad_enabled(collector is not None):
+                loss = _head_loss(model, ids, top)
+            weight = ids.shape[0] / rows
+            if collector is not None:
+                (loss * weight if weight != 1.0 else loss).backward()
+                grads.append(top.grad)
+            total_loss += float(loss.detach()) * weight
+        del hidden
+        # 4. backward sweep.
+        if collector is not None:
+            _backward_sweep(streamed, collector, batches, inputs, calls, grads, autocast, progress,
+                            free=not keep_inputs)
+        elif progress is not None:
+            for batch in batches:
+                progress(batch[0][0])
+    return raw, (collector.scores if collector is not None else None), total_loss / max(len(batches), 1)
+
+
+def _backward_sweep(streamed: StreamedModel, collector: SaliencyCollector, batches, inputs, calls, grads,
+                    autocast, progress, free: bool) -> list[torch.Tensor]:
+    """Layers from the last down: recompute each micro-batch's forward, back-propagate its output gradient,
+    score the batch's weight gradients; returns the gradients of the first layer's inputs."""
+    for j in reversed(range(len(inputs))):
+        with streamed.resident(j) as layer:
+            m = 0
+            new_grads = []
+            for batch in batches:
+                for k, (_, _ids) in enumerate(batch):
+                    x = inputs[j][m].detach().requires_grad_(j > 0)
+                    with autocast():
+                        out = _hidden_out(layer(x, **calls[m][j]))
+                    collector.accumulating = k < len(batch) - 1
+                    out.backward(grads[m])
+                    new_grads.append(x.grad)
+                    m += 1
+                collector.end_micro_batch()
+                if j == 0 and progress is not None:
+                    progress(batch[0][0])
+        grads = new_grads
+        if free:
+            inputs[j] = []  # this layer's inputs are no longer needed
+    return grads

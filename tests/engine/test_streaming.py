@@ -1,0 +1,153 @@
+"""Layer-streamed calibration and surgery equal the in-memory path (issue 14)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import FAMILY_CASES, make_tiny_model
+
+from adapt_engine.adapters import DecoderAdapter
+from adapt_engine.args import PruneSettings
+from adapt_engine.evaluate import eval_batches
+from adapt_engine.importance import calibration_pass
+from adapt_engine.lm_loss import causal_lm_loss
+from adapt_engine.pruner import AdaptPruner
+from adapt_engine.saving import load_pruned, save_pruned
+from adapt_engine.streaming import (
+    StreamingError,
+    is_placeholder,
+    open_streamed,
+    streamed_calibration_pass,
+    streamed_nll,
+)
+
+
+def _calib(rows: int = 10, seq: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 320, (rows, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _saved(tmp_path, family: str = "llama", gqa: bool = True):
+    model = make_tiny_model(family, gqa=gqa, layers=3)
+    folder = tmp_path / "dense"
+    model.save_pretrained(folder, safe_serialization=True)
+    return model, folder
+
+
+@pytest.mark.parametrize(("family", "gqa"), FAMILY_CASES)
+def test_streamed_pass_equals_in_memory_bit_for_bit(tmp_path, family, gqa):
+    model, folder = _saved(tmp_path, family, gqa)
+    ids = _calib()
+    raw, scores, loss = calibration_pass(DecoderAdapter(model), ids, 4, "cosine", "taylor", micro_batch_size=3)
+    streamed = open_streamed(folder, torch.float32)
+    raw2, scores2, loss2 = streamed_calibration_pass(streamed, ids, 4, "cosine", "taylor", micro_batch_size=3)
+    assert loss2 == loss
+    assert torch.equal(raw2, raw)
+    for a, b in zip(scores.all_tensors(), scores2.all_tensors(), strict=True):
+        assert torch.equal(a, b)
+    # Only the ends are resident after the pass.
+    for layer in streamed.layer_params:
+        assert all(is_placeholder(p.data) for p in layer.values())
+
+
+@pytest.mark.parametrize("metric", ["vectorize", "param_mix"])
+def test_streamed_pass_other_gradient_metrics(tmp_path, metric):
+    model, folder = _saved(tmp_path)
+    ids = _calib()
+    _, scores, _ = calibration_pass(DecoderAdapter(model), ids, 5, None, metric, micro_batch_size=2)
+    _, scores2, _ = streamed_calibration_pass(open_streamed(folder, torch.float32), ids, 5, None, metric,
+                                              micro_batch_size=2)
+    for a, b in zip(scores.all_tensors(), scores2.all_tensors(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("compensate", ["none", "lstsq"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+def test_streamed_prune_equals_in_memory(tmp_path, family, compensate):
+    model, folder = _saved(tmp_path, family)
+    settings = PruneSettings(steps=2, calib_batch_size=4, calib_micro_batch=3, compensate=compensate)
+    ids = _calib()
+    pruner = AdaptPruner(model, settings, ids)
+    target = pruner.target_from_sparsity(0.4)
+    pruner.prune_to(target)
+    streamed = open_streamed(folder, torch.float32)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    spruner = AdaptPruner(streamed.model, settings, ids, streamed=streamed, scratch=scratch)
+    spruner.prune_to(target)
+    assert [r["widths"] for r in spruner.history] == [r["widths"] for r in pruner.history]
+    assert [r["calib_loss"] for r in spruner.history] == [r["calib_loss"] for r in pruner.history]
+    # The streamed output, saved shard by shard, reloads to the in-memory result.
+    out = save_pruned(streamed.model, None, tmp_path / "streamed", write_weights=streamed.write_weights)
+    reloaded = load_pruned(out)
+    want = dict(model.named_parameters())
+    for name, p in reloaded.named_parameters():
+        torch.testing.assert_close(p, want[name], rtol=0, atol=0)
+    # Streamed perplexity equals the in-memory one on the pruned model.
+    batches = eval_batches(_calib(rows=3, seq=40, seed=5).flatten(), seq_len=16, batch_size=2)
+    with torch.no_grad():
+        nll = sum(float(causal_lm_loss(model, b, reduction="sum")) for b in batches)
+    assert streamed_nll(streamed, batches) == pytest.approx(nll, rel=1e-6)
+
+
+def test_streamed_prune_of_a_pruned_folder_continues(tmp_path):
+    model, folder = _saved(tmp_path)
+    settings = PruneSettings(steps=1, calib_batch_size=5, compensate="none")
+    ids = _calib()
+    pruner = AdaptPruner(model, settings, ids)
+    pruner.prune_to(pruner.target_from_sparsity(0.2))
+    first = save_pruned(model, None, tmp_path / "first")
+    streamed = open_streamed(first, torch.float32)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    spruner = AdaptPruner(streamed.model, settings, ids, streamed=streamed, scratch=scratch)
+    target = spruner.target_from_sparsity(0.3)
+    spruner.prune_to(target)
+    again = AdaptPruner(model, settings, ids)
+    again.prune_to(again.target_from_sparsity(0.3))
+    assert spruner.history[-1]["widths"] == again.history[-1]["widths"]
+
+
+def test_streaming_refuses_what_it_cannot_do(tmp_path):
+    model, folder = _saved(tmp_path)
+    streamed = open_streamed(folder, torch.float32)
+    scratch = tmp_path / "s"
+    with pytest.raises(StreamingError, match="magnitude"):
+        AdaptPruner(streamed.model, PruneSettings(importance="magnitude", compensate="none"), _calib(),
+                    streamed=streamed, scratch=scratch)
+    with pytest.raises(StreamingError, match="not a folder"):
+        open_streamed(tmp_path / "model.gguf", torch.float32)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(StreamingError, match="no safetensors"):
+        open_streamed(tmp_path / "empty", torch.float32)
+
+
+def test_prune_offload_layer_equals_offload_none(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    from adapt_engine.cli import main
+
+    reports = {}
+    for mode in ("none", "layer"):
+        out = tmp_path / mode
+        argv = ["prune", "--model", str(tiny_model_dir), "--output", str(out), "--sparsity", "0.3", "--steps", "2",
+                "--calib-samples", "8", "--calib-seq-len", "16", "--eval-tokens", "256", "--offload", mode]
+        assert main(argv) == 0
+        reports[mode] = json.loads((out / "pruning_report.json").read_text())
+        assert not list(tmp_path.glob(".adapt-offload-*")), "the scratch folder must be removed"
+    none, layer = reports["none"], reports["layer"]
+    assert layer["offload"] == "layer" and none["offload"] == "none"
+    assert layer["widths_after"] == none["widths_after"]
+    assert layer["params_after"] == none["params_after"]
+    assert layer["ppl_before"] == pytest.approx(none["ppl_before"], rel=1e-6)
+    assert layer["ppl_after"] == pytest.approx(none["ppl_after"], rel=1e-6)
+    assert "bench skipped" in capsys.readouterr().out
+    a, b = load_pruned(tmp_path / "none"), load_pruned(tmp_path / "layer")
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_offload_layer_needs_a_model_folder(tmp_path):
+    from adapt_engine.cli import main
+
+    assert main(["prune", "--output", str(tmp_path / "o"), "--sparsity", "0.2", "--offload", "layer"]) == 2
