@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -198,6 +199,18 @@ def random_scores(adapter: DecoderAdapter, generator: torch.Generator) -> GroupS
     for t in scores.all_tensors():
         t.copy_(torch.rand(t.shape, generator=generator))
     return scores
+
+
+@dataclass(frozen=True)
+class CalibPass:
+    """What a calibration pass measures and how it batches: the keywords of :func:`calibration_pass` that its
+    streamed twin (``streaming.streamed_calibration_pass``) shares."""
+
+    batch_size: int
+    similarity: str | None
+    saliency_metric: str | None
+    calib_dtype: str = "float32"
+    micro_batch_size: int | None = None
 
 
 def calibration_pass(

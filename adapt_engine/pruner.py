@@ -23,6 +23,7 @@ from .compensation import InputStatistics, check_compensation, compensate_layer,
 from .errors import UsageError
 from .groups import GroupScores, LayerKeep, choose_attention_keep, choose_mlp_keep
 from .importance import (
+    CalibPass,
     calibration_pass,
     magnitude_scores,
     random_scores,
@@ -95,10 +96,7 @@ class AdaptPruner:
         raw, scores, loss = None, None, None
         if adaptive or gradient or s.compensate != "none":
             raw, scores, loss = self._calibration_pass(
-                self.calib_ids, s.calib_batch_size,
-                s.similarity if adaptive else None, s.importance if gradient else None, progress,
-                calib_dtype=s.calib_dtype, micro_batch_size=s.calib_micro_batch, observers=observers,
-            )
+                s.similarity if adaptive else None, s.importance if gradient else None, progress, observers)
         if s.importance == "magnitude":
             scores = magnitude_scores(self.adapter)
         elif s.importance == "random":
@@ -109,12 +107,14 @@ class AdaptPruner:
             raw = torch.zeros(n, dtype=torch.float64)
         return raw, scores, loss
 
-    def _calibration_pass(self, *args, observers: tuple = (), **kwargs):
-        """:func:`calibration_pass`, or its streamed twin (whose cut sweep gathers compensation statistics
-        layer by layer instead of ``observers``)."""
+    def _calibration_pass(self, similarity: str | None, saliency_metric: str | None, progress, observers: tuple):
+        """:func:`calibration_pass` over this sub-step's windows, or its streamed twin (whose cut sweep gathers
+        compensation statistics layer by layer instead of ``observers``)."""
+        s = self.settings
+        opts = CalibPass(s.calib_batch_size, similarity, saliency_metric, s.calib_dtype, s.calib_micro_batch)
         if self.streamed is not None:
-            return streamed_calibration_pass(self.streamed, *args, **kwargs, keep_inputs=True)
-        return calibration_pass(self.adapter, *args, observers=observers, **kwargs)
+            return streamed_calibration_pass(self.streamed, self.calib_ids, opts, progress, keep_inputs=True)
+        return calibration_pass(self.adapter, self.calib_ids, **asdict(opts), progress=progress, observers=observers)
 
     def _cut(self, plan: list[LayerKeep], stats: InputStatistics | None, optimizer) -> None:
         """Compensate (if asked) and remove what ``plan`` drops; streamed, one resident layer at a time."""
@@ -158,10 +158,8 @@ class AdaptPruner:
         stats = InputStatistics(self.adapter, s.compensate) if s.compensate != "none" else None
         observers = (stats,) if stats is not None and self.streamed is None else ()
         if group_scores is not None and (s.allocation == "adaptive" or s.compensate != "none"):
-            raw, _, loss = self._calibration_pass(self.calib_ids, s.calib_batch_size,
-                                            s.similarity if s.allocation == "adaptive" else None, None, progress,
-                                            calib_dtype=s.calib_dtype, micro_batch_size=s.calib_micro_batch,
-                                            observers=observers)
+            raw, _, loss = self._calibration_pass(s.similarity if s.allocation == "adaptive" else None, None,
+                                                  progress, observers)
             if raw is None:
                 raw = torch.zeros(len(self.adapter.layers), dtype=torch.float64)
             scores = group_scores

@@ -40,7 +40,7 @@ from torch import nn
 from .adapters import DecoderAdapter
 from .errors import AdaptEngineError
 from .fsio import atomic_write_json
-from .importance import LayerSimilarity, SaliencyCollector, _hidden_out, resolve_calib_dtype
+from .importance import CalibPass, LayerSimilarity, SaliencyCollector, _hidden_out, resolve_calib_dtype
 from .lm_loss import causal_lm_loss
 
 LAYER_PREFIX = "model.layers."
@@ -356,21 +356,14 @@ def _micro_batches(calib_ids: torch.Tensor, batch_size: int, micro: int) -> list
     return out
 
 
-def streamed_calibration_pass(
-    streamed: StreamedModel,
-    calib_ids: torch.Tensor,
-    batch_size: int,
-    similarity: str | None,
-    saliency_metric: str | None,
-    progress=None,
-    calib_dtype: str = "float32",
-    micro_batch_size: int | None = None,
-    observers: tuple = (),
-    keep_inputs: bool = False,
-) -> tuple[torch.Tensor | None, object, float]:
-    """:func:`importance.calibration_pass` with one decoder layer resident at a time (same arguments and
-    results: raw layer importances, group saliency, mean loss). ``keep_inputs`` keeps every layer's
-    calibration inputs on ``streamed`` for :meth:`StreamedModel.replay` (until ``forget_inputs``)."""
+def streamed_calibration_pass(streamed: StreamedModel, calib_ids: torch.Tensor, opts: CalibPass, progress=None,
+                              observers: tuple = (), keep_inputs: bool = False,
+                              ) -> tuple[torch.Tensor | None, object, float]:
+    """:func:`importance.calibration_pass` with one decoder layer resident at a time (same results: raw layer
+    importances, group saliency, mean loss). ``keep_inputs`` keeps every layer's calibration inputs on
+    ``streamed`` for :meth:`StreamedModel.replay` (until ``forget_inputs``)."""
+    batch_size, similarity, saliency_metric = opts.batch_size, opts.similarity, opts.saliency_metric
+    calib_dtype, micro_batch_size = opts.calib_dtype, opts.micro_batch_size
     model, adapter = streamed.model, streamed.adapter
     device = torch.device("cpu")
     amp_dtype = resolve_calib_dtype(calib_dtype, device)

@@ -9,7 +9,7 @@ from tiny_models import FAMILY_CASES, make_tiny_model
 from adapt_engine.adapters import DecoderAdapter
 from adapt_engine.args import PruneSettings
 from adapt_engine.evaluate import eval_batches
-from adapt_engine.importance import calibration_pass
+from adapt_engine.importance import CalibPass, calibration_pass
 from adapt_engine.lm_loss import causal_lm_loss
 from adapt_engine.pruner import AdaptPruner
 from adapt_engine.saving import load_pruned, save_pruned
@@ -39,7 +39,8 @@ def test_streamed_pass_equals_in_memory_bit_for_bit(tmp_path, family, gqa):
     ids = _calib()
     raw, scores, loss = calibration_pass(DecoderAdapter(model), ids, 4, "cosine", "taylor", micro_batch_size=3)
     streamed = open_streamed(folder, torch.float32)
-    raw2, scores2, loss2 = streamed_calibration_pass(streamed, ids, 4, "cosine", "taylor", micro_batch_size=3)
+    opts = CalibPass(4, "cosine", "taylor", micro_batch_size=3)
+    raw2, scores2, loss2 = streamed_calibration_pass(streamed, ids, opts)
     assert loss2 == loss
     assert torch.equal(raw2, raw)
     for a, b in zip(scores.all_tensors(), scores2.all_tensors(), strict=True):
@@ -54,8 +55,8 @@ def test_streamed_pass_other_gradient_metrics(tmp_path, metric):
     model, folder = _saved(tmp_path)
     ids = _calib()
     _, scores, _ = calibration_pass(DecoderAdapter(model), ids, 5, None, metric, micro_batch_size=2)
-    _, scores2, _ = streamed_calibration_pass(open_streamed(folder, torch.float32), ids, 5, None, metric,
-                                              micro_batch_size=2)
+    _, scores2, _ = streamed_calibration_pass(open_streamed(folder, torch.float32), ids,
+                                              CalibPass(5, None, metric, micro_batch_size=2))
     for a, b in zip(scores.all_tensors(), scores2.all_tensors(), strict=True):
         assert torch.equal(a, b)
 
