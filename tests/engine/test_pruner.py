@@ -165,11 +165,14 @@ def test_vectorize_takes_abs_of_the_whole_group_sum():
     torch.testing.assert_close(scores.mlp[0], signed.abs().detach(), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("family,gqa,sparsity", [("llama", True, 0.5), ("llama", False, 0.5), ("qwen2", True, 0.7)])
-def test_vllm_target_keeps_every_query_head_or_none(family, gqa, sparsity):
+@pytest.mark.parametrize("family,gqa,sparsity,split", [
+    ("llama", True, 0.5, "saliency"), ("llama", False, 0.5, "saliency"), ("qwen2", True, 0.7, "saliency"),
+    ("llama", False, 0.5, "proportional")])
+def test_vllm_target_keeps_every_query_head_or_none(family, gqa, sparsity, split):
     model = make_tiny_model(family, gqa, layers=4)
     heads = model.config.num_attention_heads
-    pruner = AdaptPruner(model, PruneSettings(steps=3, deploy_target="vllm", calib_batch_size=4), _calib())
+    pruner = AdaptPruner(model, PruneSettings(steps=3, deploy_target="vllm", split=split, calib_batch_size=4),
+                         _calib())
     target = pruner.target_from_sparsity(sparsity)
     pruner.prune_to(target)
     adapter = DecoderAdapter(model)
