@@ -19,9 +19,8 @@ import torch
 
 from .adapters import DecoderAdapter, LayerShape
 from .errors import UsageError
-from .groups import ATTENTION_MODES
+from .groups import ATTENTION_MODES, MERGE
 
-MERGE = "merge"
 LADDERS = (*ATTENTION_MODES, MERGE)
 
 

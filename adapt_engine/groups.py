@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapters import DecoderAdapter
+from .adapters import DecoderAdapter, LayerShape
 
 ATTENTION_MODES = ("query", "kv")
+MERGE = "merge"  # the attention granularity of --deploy-target vllm (not an --attention choice)
 KV_MERGES = ("weighted", "mean", "salient")
 
 # Score buckets per layer.
@@ -159,14 +160,14 @@ def choose_kv_merge(kv_scores: torch.Tensor, new_kv: int, how: str) -> torch.Ten
     return mix
 
 
-def attention_keep(q_scores: torch.Tensor, kv_scores: torch.Tensor, current, new, mode: str,
+def attention_keep(q_scores: torch.Tensor, kv_scores: torch.Tensor, current: LayerShape, new: LayerShape, mode: str,
                    kv_merge: str = "weighted") -> LayerKeep:
     """What one layer's attention keeps to go from shape ``current`` to ``new`` in ladder ``mode``."""
     keep = LayerKeep()
     if new.num_heads == 0:
         empty = torch.zeros(0, dtype=torch.long)
         keep.q_heads, keep.kv_heads = empty, empty
-    elif mode == "merge":
+    elif mode == MERGE:
         if new.num_kv_heads < current.num_kv_heads:
             keep.kv_merge = choose_kv_merge(kv_scores, new.num_kv_heads, kv_merge)
     elif new.num_heads < current.num_heads:
