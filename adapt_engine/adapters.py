@@ -22,7 +22,7 @@ from .errors import AdaptEngineError
 
 # The per-layer width keys of a pruned model's config.json are owned by the remote module: it is copied
 # next to saved models and must stay standalone.
-from .remote.adapt_pruned_shapes import LAYER_HEADS_KEY, LAYER_KV_HEADS_KEY, LAYER_MLP_KEY
+from .remote.adapt_pruned_shapes import LAYER_HEADS_KEY, LAYER_KV_HEADS_KEY, LAYER_MLP_KEY, NoAttention
 
 
 class UnsupportedModelError(AdaptEngineError, ValueError):
@@ -143,14 +143,18 @@ class DecoderAdapter:
         """Make a layer's bookkeeping attributes agree with its (possibly pruned) weights."""
         layer = self.layers[index]
         shape = self.layer_shape(index)
+        if shape.num_heads == 0 and not isinstance(layer.self_attn, NoAttention):
+            # Every head is gone: the stock module cannot run 0 heads, NoAttention adds nothing instead.
+            layer.self_attn = NoAttention.taking_over(layer.self_attn)
         attn = layer.self_attn
         q, k, v, o = self.attention_projections(layer)
         gate, up, down = self.mlp_projections(layer)
-        # Stock attention reshapes with head_dim and repeats KV by num_key_value_groups only.
-        attn.num_key_value_groups = shape.num_heads // shape.num_kv_heads
-        for name, value in (("num_heads", shape.num_heads), ("num_key_value_heads", shape.num_kv_heads)):
-            if hasattr(attn, name):  # older transformers releases keep these on the module
-                setattr(attn, name, value)
+        if shape.num_heads:
+            # Stock attention reshapes with head_dim and repeats KV by num_key_value_groups only.
+            attn.num_key_value_groups = shape.num_heads // shape.num_kv_heads
+            for name, value in (("num_heads", shape.num_heads), ("num_key_value_heads", shape.num_kv_heads)):
+                if hasattr(attn, name):  # older transformers releases keep these on the module
+                    setattr(attn, name, value)
         for lin in (q, k, v, o, gate, up, down):
             lin.out_features, lin.in_features = lin.weight.shape
         if hasattr(layer.mlp, "intermediate_size"):
@@ -188,6 +192,11 @@ class DecoderAdapter:
         _, k, _, _ = self.attention_projections(self.layers[index])
         per = 2 * self.head_dim * self.hidden_size
         return per + (2 * self.head_dim if k.bias is not None else 0)
+
+    def o_bias_params(self) -> int:
+        """Parameters of one layer's o_proj bias (0 without one): layer 0, which always keeps its attention."""
+        _, _, _, o = self.attention_projections(self.layers[0])
+        return o.bias.numel() if o.bias is not None else 0
 
     def params_per_channel(self, index: int) -> int:
         """Parameters removed with one MLP channel: gate and up rows, down column (+biases)."""

@@ -5,8 +5,9 @@ with ``I`` normalised to mean 0 and max |I| = 1 (A = 0 is uniform, LLM-Pruner-st
 the paper's Eq. 6 (``--layer-update absolute``). The authors' code instead moves each layer's sparsity
 by the step's overall increment, ``s_j ← clip(s_j + ΔS − A·I_j, 0, 0.99)`` (``--layer-update
 incremental``, the default), so a layer that stays (un)important drifts further at every sub-step.
-Attention comes in coarse units (a query head per KV group, or a whole KV group), so each layer first
-takes the attention units closest to its share, and MLP channels — fine-grained — absorb the rest.
+Attention comes in coarse rungs (a query head per KV group, a whole KV group, or for vLLM merged KV heads
+and whole attention sub-layers: ``attention_ladder``), so each layer first takes the rung closest to its
+share, and MLP channels — fine-grained — absorb the rest.
 A final apportionment moves MLP channels between layers so the whole model lands on the requested
 parameter count to within half an MLP channel (``3·hidden`` parameters), or half of ``round_to``
 channels when widths must be multiples of ``round_to``.
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import DecoderAdapter, LayerShape
+from .attention_ladder import attention_params, proportional_rung, rungs, shape_at, units_of
 
 MAX_LAYER_SPARSITY = 0.99
 
@@ -28,7 +30,7 @@ MAX_LAYER_SPARSITY = 0.99
 class LayerBudget:
     """Target widths of one layer after a pruning sub-step."""
 
-    attention_units: int  # query heads per KV group ("query") or KV groups ("kv") kept
+    attention_units: int  # rung of the attention ladder: units kept (see attention_ladder)
     intermediate_size: int
 
 
@@ -41,17 +43,6 @@ def incremental_sparsities(previous: torch.Tensor, increment: float, importance:
                            amplitude: float) -> torch.Tensor:
     """``clip(s_j + ΔS − A·I_j, 0, 0.99)`` per layer: the authors' code's per-sub-step update."""
     return (previous + increment - amplitude * importance).clamp(0.0, MAX_LAYER_SPARSITY)
-
-
-def _attention_units(shape: LayerShape, mode: str) -> int:
-    return shape.num_heads // shape.num_kv_heads if mode == "query" else shape.num_kv_heads
-
-
-def _params_per_unit(adapter: DecoderAdapter, index: int, shape: LayerShape, mode: str) -> int:
-    if mode == "query":  # one query head in each KV group
-        return shape.num_kv_heads * adapter.params_per_query_head(index)
-    n_rep = shape.num_heads // shape.num_kv_heads
-    return n_rep * adapter.params_per_query_head(index) + adapter.params_per_kv_head(index)
 
 
 def _snap(width: int, round_to: int, original: int) -> int:
@@ -108,24 +99,23 @@ def apportion_mlp(
 
 @dataclass
 class LayerCosts:
-    """Cumulative saliency of removing the k least salient attention units / MLP channels of a layer."""
+    """Saliency lost by each attention rung a layer may go to, and by removing its k least salient MLP channels."""
 
-    attention: torch.Tensor  # [units_now]: cost of removing 0..units_now-1 more units
+    attention: dict[int, float]  # rung (units kept) -> saliency lost (see attention_ladder.rung_costs)
     mlp: torch.Tensor  # [width_now]: cost of removing 0..width_now-1 more channels
 
 
-def _cheapest_attention_keep(costs: LayerCosts, units_now: int, units_orig: int, per_unit: int,
-                             want_removed: float, mlp_removed: int, per_channel: int, width_now: int) -> int:
-    """Attention units to keep so that the layer's removal budget costs the least total saliency."""
-    best, best_cost = units_now, float("inf")
-    for keep in range(units_now, 0, -1):
-        extra_units = units_now - keep
-        attn_params = (units_orig - keep) * per_unit
-        if extra_units > 0 and attn_params > want_removed + per_unit / 2:
-            break  # attention alone would overshoot the layer's budget by more than half a unit
+def _cheapest_rung(costs: LayerCosts, ladder: list[int], removed: dict[int, int], want_removed: float,
+                   mlp_removed: int, per_channel: int, width_now: int) -> int:
+    """Attention rung to keep so that the layer's removal budget costs the least total saliency."""
+    best, best_cost = ladder[0], float("inf")
+    for i, keep in enumerate(ladder):
+        attn_params = removed[keep]
+        if i > 0 and attn_params > want_removed + (attn_params - removed[ladder[i - 1]]) / 2:
+            break  # attention alone would overshoot the layer's budget by more than half a rung
         channels = int(round((want_removed - attn_params) / per_channel)) - mlp_removed
         channels = min(max(channels, 0), width_now - 1)
-        cost = float(costs.attention[extra_units]) + float(costs.mlp[channels])
+        cost = costs.attention[keep] + float(costs.mlp[channels])
         if cost < best_cost:
             best, best_cost = keep, cost
     return best
@@ -145,10 +135,10 @@ def plan_budgets(
 ) -> tuple[list[LayerBudget], torch.Tensor]:
     """Per-layer widths for one sub-step that bring the prunable parameters to ``target_prunable``.
 
-    With ``costs`` (saliency split), each layer removes the attention units whose saliency is lower than
-    that of the MLP channels they would spare; without, attention takes its proportional share.
-    ``sparsity`` overrides the per-layer targets (else Eq. 6 from ``importance`` and ``amplitude``).
-    Returns the budgets and the per-layer sparsities ``S_j`` that shaped them.
+    ``mode`` is the attention ladder (``attention_ladder``). With ``costs`` (saliency split), each layer goes
+    down its ladder only where the attention saliency lost is lower than that of the MLP channels it spares;
+    without, attention takes its proportional share. ``sparsity`` overrides the per-layer targets (else Eq. 6
+    from ``importance`` and ``amplitude``). Returns the budgets and the per-layer sparsities ``S_j``.
     """
     n = len(adapter.layers)
     current = adapter.shapes()
@@ -156,27 +146,34 @@ def plan_budgets(
     if sparsity is None:
         sparsity = layer_sparsities(s_cur, importance, amplitude)
 
-    orig_layer_params = [_layer_params(adapter, j, original[j], mode) for j in range(n)]
+    orig_layer_params = [_layer_params(adapter, j, original[j], units_of(original[j], mode),
+                                       original[j].intermediate_size, mode) for j in range(n)]
+    ladders = [rungs(current[j], mode, j) for j in range(n)]
+    full_attn = [attention_params(adapter, j, original[j], units_of(original[j], mode), mode) for j in range(n)]
+
+    def removed_at(j: int, units: int) -> int:
+        """Attention parameters layer j has lost at ``units`` units, against its original."""
+        return full_attn[j] - attention_params(adapter, j, original[j], units, mode)
+
     units_keep: list[int] = []
     attn_removed: list[int] = []  # parameters removed from attention so far, per layer
     for j in range(n):
-        per_unit = _params_per_unit(adapter, j, original[j], mode)
-        units_orig = _attention_units(original[j], mode)
-        units_now = _attention_units(current[j], mode)
+        ladder = ladders[j]
+        removed = {r: removed_at(j, r) for r in ladder}
         want_removed = float(sparsity[j]) * orig_layer_params[j]
-        # Attention takes the share closest to the layer's sparsity, but at most what keeps one unit.
         if costs is not None:
-            keep = _cheapest_attention_keep(costs[j], units_now, units_orig, per_unit, want_removed,
-                                            original[j].intermediate_size - current[j].intermediate_size,
-                                            adapter.params_per_channel(j), current[j].intermediate_size)
+            keep = _cheapest_rung(costs[j], ladder, removed, want_removed,
+                                  original[j].intermediate_size - current[j].intermediate_size,
+                                  adapter.params_per_channel(j), current[j].intermediate_size)
         else:
-            keep = units_orig - int(round(float(sparsity[j]) * units_orig))
-            keep = max(1, min(units_now, keep))
-            # Do not let coarse attention overshoot the layer's whole budget by more than half a unit.
-            while keep < units_now and (units_orig - keep) * per_unit > want_removed + per_unit / 2:
-                keep += 1
+            keep = proportional_rung(adapter, j, original[j], ladder, mode, float(sparsity[j]))
+            # Do not let coarse attention overshoot the layer's whole budget by more than half a rung.
+            i = ladder.index(keep)
+            while i > 0 and removed[ladder[i]] > want_removed + (removed[ladder[i]] - removed[ladder[i - 1]]) / 2:
+                i -= 1
+            keep = ladder[i]
         units_keep.append(keep)
-        attn_removed.append((units_orig - keep) * per_unit)
+        attn_removed.append(removed[keep])
 
     chan = [adapter.params_per_channel(j) for j in range(n)]
     orig_mlp = [s.intermediate_size for s in original]
@@ -191,16 +188,17 @@ def plan_budgets(
         return apportion_mlp(desired, cur_mlp, orig_mlp, total_keep, round_to)
 
     widths = mlp_plan()
-    # If MLP alone cannot reach the target (every layer at its floor), take more attention units from the
+    # If MLP alone cannot reach the target (every layer at its floor), take the next rung of attention from the
     # layers with the highest sparsity and re-apportion.
     while _prunable_after(adapter, original, units_keep, widths, mode) > target_prunable + max(chan) * max(
         round_to, 1
     ):
         order = sorted(range(n), key=lambda j: -float(sparsity[j]))
         for j in order:
-            if units_keep[j] > 1:
-                units_keep[j] -= 1
-                attn_removed[j] += _params_per_unit(adapter, j, original[j], mode)
+            i = ladders[j].index(units_keep[j])
+            if i + 1 < len(ladders[j]):
+                units_keep[j] = ladders[j][i + 1]
+                attn_removed[j] = removed_at(j, units_keep[j])
                 break
         else:
             break  # nothing left to take: the caller reports the shortfall
@@ -209,21 +207,11 @@ def plan_budgets(
     return budgets, sparsity
 
 
-def _layer_params(adapter: DecoderAdapter, j: int, shape: LayerShape, mode: str) -> int:
-    """Prunable parameters of layer j if it had ``shape``."""
-    units = _attention_units(shape, mode)
-    mlp = shape.intermediate_size * adapter.params_per_channel(j)
-    fixed = _attention_fixed(adapter, j, shape, mode)
-    return units * _params_per_unit(adapter, j, shape, mode) + fixed + mlp + _mlp_fixed(adapter, j)
-
-
-def _attention_fixed(adapter: DecoderAdapter, j: int, shape: LayerShape, mode: str) -> int:
-    """Attention parameters not covered by units: K/V in query mode, and o_proj's bias."""
-    _, _, _, o = adapter.attention_projections(adapter.layers[j])
-    fixed = o.bias.numel() if o.bias is not None else 0
-    if mode == "query":
-        fixed += shape.num_kv_heads * adapter.params_per_kv_head(j)
-    return fixed
+def _layer_params(adapter: DecoderAdapter, j: int, original: LayerShape, units: int, intermediate: int,
+                  mode: str) -> int:
+    """Prunable parameters of layer j with ``units`` attention units and ``intermediate`` MLP channels."""
+    return (attention_params(adapter, j, original, units, mode) + intermediate * adapter.params_per_channel(j)
+            + _mlp_fixed(adapter, j))
 
 
 def _mlp_fixed(adapter: DecoderAdapter, j: int) -> int:
@@ -234,24 +222,12 @@ def _mlp_fixed(adapter: DecoderAdapter, j: int) -> int:
 def _prunable_after(
     adapter: DecoderAdapter, original: list[LayerShape], units: list[int], widths: list[int], mode: str
 ) -> int:
-    total = 0
-    for j, (u, w) in enumerate(zip(units, widths)):
-        o = original[j]
-        if mode == "query":
-            shape = LayerShape(u * o.num_kv_heads, o.num_kv_heads, w)
-        else:
-            shape = LayerShape(u * (o.num_heads // o.num_kv_heads), u, w)
-        total += _layer_params(adapter, j, shape, mode)
-    return total
+    return sum(_layer_params(adapter, j, original[j], u, w, mode) for j, (u, w) in enumerate(zip(units, widths)))
 
 
 def budget_shape(original: LayerShape, budget: LayerBudget, mode: str) -> LayerShape:
     """The layer shape a budget describes."""
-    if mode == "query":
-        return LayerShape(budget.attention_units * original.num_kv_heads, original.num_kv_heads,
-                          budget.intermediate_size)
-    n_rep = original.num_heads // original.num_kv_heads
-    return LayerShape(budget.attention_units * n_rep, budget.attention_units, budget.intermediate_size)
+    return shape_at(original, budget.attention_units, mode, budget.intermediate_size)
 
 
 def step_targets(start: int, end: int, steps: int) -> list[int]:

@@ -29,6 +29,18 @@ GRADIENT_IMPORTANCES = ("taylor", "vectorize", "param_mix")  # the ones scored f
 SIMILARITIES = ("cosine", "euclidean", "manhattan")
 CALIB_DTYPES = ("float32", "bfloat16", "auto")
 ATTENTION_MODES = ("query", "kv")
+MERGE = "merge"  # the attention granularity of --deploy-target vllm (not an --attention choice)
+KV_MERGES = ("weighted", "mean", "salient")
+DEPLOY_TARGETS = ("hf", "vllm", "llama.cpp")
+# The attention ladder (attention_ladder.py) each deploy target prunes with, per --attention choice it can serve
+# without padding. llama.cpp's `deci` architecture takes per-layer query heads, KV heads and MLP widths, so both
+# choices serve as they are; vLLM's DeciLM has one query-head count for every layer, so its ladder keeps them
+# all (merge).
+TARGET_LADDERS: dict[str, dict[str, str]] = {
+    "hf": {"query": "query", "kv": "kv"},
+    "llama.cpp": {"query": "query", "kv": "kv"},
+    "vllm": {"query": MERGE},
+}
 BUDGET_SPLITS = ("saliency", "proportional")
 COMPENSATIONS = ("none", "bias", "lstsq")
 IMPORTANCE_SCALES = ("max", "robust", "rank")
@@ -72,6 +84,19 @@ def check_sizes(batch_sizes, prompt_lens, new_tokens, repeats, warmup) -> None:
         raise BenchInputError(f"--repeats must be at least 1, got {repeats}")
     if warmup < 0:
         raise BenchInputError(f"--warmup must be 0 or more, got {warmup}")
+
+
+def ladder_for(deploy_target: str, attention: str) -> str:
+    """The attention ladder of a deploy target and ``--attention`` choice, or a UsageError naming the fix."""
+    if deploy_target not in TARGET_LADDERS:
+        raise UsageError(f"--deploy-target must be one of {', '.join(DEPLOY_TARGETS)}, got '{deploy_target}'")
+    ladders = TARGET_LADDERS[deploy_target]
+    if attention not in ladders:
+        raise UsageError(
+            f"--attention {attention} removes query heads per layer, which --deploy-target {deploy_target} cannot "
+            f"serve without padding; {deploy_target} prunes attention by merging KV heads and removing whole "
+            f"attention sub-layers instead. Leave --attention at its default (query)")
+    return ladders[attention]
 
 
 def _check_device(name: str) -> None:
@@ -144,6 +169,14 @@ class PruneSettings:
                               help="layer importance from the similarity of each layer's input and output")
     attention: str = setting("query", choices=ATTENTION_MODES,
                              help="attention granularity: same number of query heads per KV group, or whole KV groups")
+    deploy_target: str = setting(
+        "hf", choices=DEPLOY_TARGETS,
+        help="engine the output will be served with: hf and llama.cpp take any --attention mode as it is; vllm keeps "
+        "every query head and shrinks attention only by merging KV heads and removing whole attention sub-layers "
+        "(never layer 0), so `export --format vllm` needs no padding")
+    kv_merge: str = setting("weighted", choices=KV_MERGES,
+                            help="--deploy-target vllm: merged KV heads are the saliency-weighted mean of the K/V "
+                            "heads they replace (default), their plain mean, or the most salient one alone")
     round_to: int = setting(1, minimum=1, help="make every MLP width a multiple of K (1 = no rounding)")
     split: str = setting("saliency", choices=BUDGET_SPLITS,
                          help="inside a layer, remove attention units only where they are less salient than the MLP "
@@ -171,6 +204,12 @@ class PruneSettings:
     def validate(self) -> None:
         """Raise UsageError naming the flag for any out-of-range setting."""
         check_bounds(self)
+        ladder_for(self.deploy_target, self.attention)
+
+    @property
+    def ladder(self) -> str:
+        """The attention ladder these settings prune with (``attention_ladder``)."""
+        return ladder_for(self.deploy_target, self.attention)
 
     @property
     def needs_calibration(self) -> bool:

@@ -2,8 +2,10 @@
 
 The folder holds config.json (``block_configs``: each layer's ``n_heads_in_group`` and
 ``ffn.intermediate_size``), safetensors weights under the ordinary Llama names, the tokenizer, and two small
-files (``configuration_decilm.py``, ``modeling_decilm.py``) for ``trust_remote_code``. Query heads are padded
-with zero heads to one global count (see :mod:`adapt_engine.export_layout`).
+files (``configuration_decilm.py``, ``modeling_decilm.py``, with ``adapt_pruned_shapes.py`` for its no-attention
+module) for ``trust_remote_code``. Query heads are padded with zero heads to one global count (see
+:mod:`adapt_engine.export_layout`); a layer without attention is an ``attention.no_op`` block whose attention
+tensors and input norm are left out.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from .adapters import DecoderAdapter
 from .export_layout import ServingLayer, padded_head_count, rope_parameters, serving_layers
 
 REMOTE = Path(__file__).parent / "remote"
-REMOTE_FILES = ("configuration_decilm.py", "modeling_decilm.py")
+REMOTE_FILES = ("configuration_decilm.py", "modeling_decilm.py", "adapt_pruned_shapes.py")
 
 
 def _pad_heads(weight: torch.Tensor, layer: ServingLayer, padded: int, head_dim: int, dim: int) -> torch.Tensor:
@@ -50,14 +52,19 @@ def deci_tensors(adapter: DecoderAdapter, layers: list[ServingLayer], padded: in
         pre = f"model.layers.{i}."
         q, k, v, o = adapter.attention_projections(layer)
         gate, up, down = adapter.mlp_projections(layer)
-        out[pre + "input_layernorm.weight"] = layer.input_layernorm.weight
         out[pre + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
+        for name, lin in (("mlp.gate_proj", gate), ("mlp.up_proj", up), ("mlp.down_proj", down)):
+            out[pre + name + ".weight"] = lin.weight
+            if lin.bias is not None:
+                out[pre + name + ".bias"] = lin.bias
+        if shape.heads == 0:
+            continue  # attention.no_op: vLLM builds neither the attention nor its input norm
+        out[pre + "input_layernorm.weight"] = layer.input_layernorm.weight
         out[pre + "self_attn.q_proj.weight"] = _pad_heads(q.weight, shape, padded, hd, 0)
         out[pre + "self_attn.o_proj.weight"] = _pad_heads(o.weight, shape, padded, hd, 1)
         if q.bias is not None:
             out[pre + "self_attn.q_proj.bias"] = _pad_heads(q.bias, shape, padded, hd, 0)
-        for name, lin in (("self_attn.k_proj", k), ("self_attn.v_proj", v), ("mlp.gate_proj", gate),
-                          ("mlp.up_proj", up), ("mlp.down_proj", down)):
+        for name, lin in (("self_attn.k_proj", k), ("self_attn.v_proj", v)):
             out[pre + name + ".weight"] = lin.weight
             if lin.bias is not None:
                 out[pre + name + ".bias"] = lin.bias
@@ -71,7 +78,8 @@ def deci_config(adapter: DecoderAdapter, layers: list[ServingLayer], padded: int
     cfg = adapter.model.config
     q, _, _, o = adapter.attention_projections(adapter.layers[0])
     gate = adapter.mlp_projections(adapter.layers[0])[0]
-    blocks = [{"attention": {"no_op": False, "replace_with_linear": False, "n_heads_in_group": padded // s.kv_heads},
+    blocks = [{"attention": ({"no_op": False, "replace_with_linear": False, "n_heads_in_group": padded // s.kv_heads}
+                             if s.heads else {"no_op": True, "replace_with_linear": False}),
                "ffn": {"no_op": False, "replace_with_linear": False, "intermediate_size": s.intermediate}}
               for s in layers]
     out = {

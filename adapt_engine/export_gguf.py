@@ -4,7 +4,9 @@
 value per layer. llama.cpp applies RoPE to adjacent pairs of a head's dimensions where transformers rotates
 its two halves, so each layer's Q and K rows are reordered with that layer's own head counts. llama.cpp's
 ``deci`` graph skips a layer's residual add of attention when its FFN width is 0, so such a layer gets a
-one-channel all-zero FFN (adds exactly 0). The byte-level BPE tokenizer is carried over.
+one-channel all-zero FFN (adds exactly 0). A layer without attention (``prune --deploy-target vllm``) has
+head_count 0, which llama.cpp's ``deci`` graph runs as an attention-free layer; it has no attention tensors.
+The byte-level BPE tokenizer is carried over.
 """
 
 from __future__ import annotations
@@ -139,15 +141,16 @@ def write_gguf(adapter: DecoderAdapter, tokenizer, folder: Path, dtype: torch.dt
         q, k, v, o = adapter.attention_projections(layer)
         gate, up, down = adapter.mlp_projections(layer)
         pre = f"blk.{i}."
-        put(pre + "attn_norm.weight", layer.input_layernorm.weight, keep_f32=True)
-        put(pre + "attn_q.weight", rope_rows_to_pairs(q.weight, s.heads))
-        put(pre + "attn_k.weight", rope_rows_to_pairs(k.weight, s.kv_heads))
-        put(pre + "attn_v.weight", v.weight)
-        put(pre + "attn_output.weight", o.weight)
-        for key, bias, heads in (("attn_q", q.bias, s.heads), ("attn_k", k.bias, s.kv_heads), ("attn_v", v.bias, 0),
-                                 ("attn_output", o.bias, 0)):
-            if bias is not None:
-                put(pre + key + ".bias", rope_rows_to_pairs(bias, heads) if heads else bias, keep_f32=True)
+        if s.heads:  # head_count 0: llama.cpp skips the layer's attention (and its norm), so nothing is written
+            put(pre + "attn_norm.weight", layer.input_layernorm.weight, keep_f32=True)
+            put(pre + "attn_q.weight", rope_rows_to_pairs(q.weight, s.heads))
+            put(pre + "attn_k.weight", rope_rows_to_pairs(k.weight, s.kv_heads))
+            put(pre + "attn_v.weight", v.weight)
+            put(pre + "attn_output.weight", o.weight)
+            for key, bias, heads in (("attn_q", q.bias, s.heads), ("attn_k", k.bias, s.kv_heads),
+                                     ("attn_v", v.bias, 0), ("attn_output", o.bias, 0)):
+                if bias is not None:
+                    put(pre + key + ".bias", rope_rows_to_pairs(bias, heads) if heads else bias, keep_f32=True)
         put(pre + "ffn_norm.weight", layer.post_attention_layernorm.weight, keep_f32=True)
         if s.intermediate == 0:  # see the module docstring: one zero channel keeps the attention output
             zero = torch.zeros(1, hidden)

@@ -66,6 +66,11 @@ def check_exportable(model: torch.nn.Module, target: str) -> DecoderAdapter:
         raise UsageError(f"cannot export to {where}: layer types {sorted(set(layer_types))} are not all full "
                          f"attention")
     for i, s in enumerate(adapter.shapes()):
+        if s.num_heads == 0 and s.num_kv_heads == 0:
+            if i == 0 and target == "vllm":
+                raise UsageError("cannot export to vLLM's DeciLM: layer 0 has no attention, which vLLM cannot run "
+                                 "(prune with --deploy-target vllm, which always keeps layer 0's attention)")
+            continue  # no attention sub-layer: DeciLM's attention.no_op, llama.cpp's head_count 0
         if s.num_heads % s.num_kv_heads:
             raise UsageError(f"layer {i} has {s.num_heads} query heads for {s.num_kv_heads} KV heads; the heads "
                              f"of every KV group must be equal in number")
@@ -78,8 +83,11 @@ def serving_layers(adapter: DecoderAdapter) -> list[ServingLayer]:
 
 
 def padded_head_count(layers: list[ServingLayer]) -> int:
-    """The fewest query heads every layer can be padded to: at least each layer's count, divisible by its KV heads."""
-    step = lcm(*(layer.kv_heads for layer in layers))
+    """The fewest query heads every layer can be padded to: at least each layer's count, divisible by its KV heads.
+
+    Layers without attention take no part (they have no heads to pad).
+    """
+    step = lcm(*(layer.kv_heads for layer in layers if layer.heads))
     widest = max(layer.heads for layer in layers)
     return -(-widest // step) * step
 
@@ -87,7 +95,7 @@ def padded_head_count(layers: list[ServingLayer]) -> int:
 def padding_cost(layers: list[ServingLayer], padded_heads: int, hidden: int, head_dim: int, context: int,
                  model_flops_per_token: int) -> dict:
     """FLOPs per token that the zero query heads add: Q rows + O columns, and QK^T + AV over ``context``."""
-    extra = sum(padded_heads - layer.heads for layer in layers)
+    extra = sum(padded_heads - layer.heads for layer in layers if layer.heads)
     linear = 2 * 2 * hidden * head_dim * extra
     attention = 2 * 2 * head_dim * context * extra
     return {

@@ -16,6 +16,8 @@ Attention granularity (``--attention``):
   KV heads (SmolLM2 has 3), and KV heads are kept, so the KV cache is unchanged.
 * ``kv``: whole KV groups (the KV head and all of its query heads) are removed. Coarser, but it also
   shrinks K/V and the KV cache.
+* ``merge`` (``--deploy-target vllm``, see ``attention_ladder``): adjacent KV heads are merged into one
+  (``--kv-merge``), every query head is kept, or the whole attention sub-layer goes.
 
 Per-head q_norm/k_norm (Qwen3) act on ``head_dim`` and are shared across heads: never sliced.
 Hidden size, embeddings and norms are not pruned.
@@ -28,8 +30,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapters import DecoderAdapter
-from .args import ATTENTION_MODES
+from .adapters import DecoderAdapter, LayerShape
+from .args import ATTENTION_MODES, KV_MERGES, MERGE
 
 # Score buckets per layer.
 Q_HEADS, KV_HEADS, MLP = "q_heads", "kv_heads", "mlp"
@@ -52,10 +54,10 @@ def group_members(adapter: DecoderAdapter) -> dict[nn.Parameter, Member]:
     for i, layer in enumerate(adapter.layers):
         q, k, v, o = adapter.attention_projections(layer)
         gate, up, down = adapter.mlp_projections(layer)
-        for lin, bucket, dim, gs in (
-            (q, Q_HEADS, 0, d), (k, KV_HEADS, 0, d), (v, KV_HEADS, 0, d), (o, Q_HEADS, 1, d),
-            (gate, MLP, 0, 1), (up, MLP, 0, 1), (down, MLP, 1, 1),
-        ):
+        attention = ((q, Q_HEADS, 0, d), (k, KV_HEADS, 0, d), (v, KV_HEADS, 0, d), (o, Q_HEADS, 1, d))
+        if q.out_features == 0:
+            attention = ()  # a layer whose attention was removed has nothing left to score
+        for lin, bucket, dim, gs in (*attention, (gate, MLP, 0, 1), (up, MLP, 0, 1), (down, MLP, 1, 1)):
             members[lin.weight] = Member(i, bucket, dim, gs)
             # A bias belongs to the group only when it is indexed by the pruned dimension (q/k/v/gate/up).
             if lin.bias is not None and dim == 0:
@@ -92,11 +94,20 @@ class GroupScores:
 
 @dataclass
 class LayerKeep:
-    """Sorted indices to keep in one layer; ``None`` means the part is left as it is."""
+    """Sorted indices to keep in one layer; ``None`` means the part is left as it is.
+
+    Empty ``q_heads`` and ``kv_heads`` remove the layer's attention entirely. ``kv_merge`` (``[new, current]``
+    weights) replaces the K/V heads by weighted sums of them instead; query heads then stay.
+    """
 
     q_heads: torch.Tensor | None = None
     kv_heads: torch.Tensor | None = None
     mlp: torch.Tensor | None = None
+    kv_merge: torch.Tensor | None = None
+
+    def removes_nothing(self) -> bool:
+        """Whether the layer is left exactly as it is."""
+        return all(x is None for x in (self.q_heads, self.kv_heads, self.mlp, self.kv_merge))
 
 
 def choose_attention_keep(
@@ -121,6 +132,51 @@ def choose_attention_keep(
     else:
         raise ValueError(f"attention granularity must be one of {ATTENTION_MODES}, got '{mode}'")
     return q_keep, kv_keep
+
+
+def choose_kv_merge(kv_scores: torch.Tensor, new_kv: int, how: str) -> torch.Tensor:
+    """``[new_kv, current]`` weights that merge each run of adjacent KV heads into one (``--kv-merge``).
+
+    ``mean``: their plain mean; ``salient``: the most salient head of the run survives alone; ``weighted``:
+    the mean weighted by saliency (plain mean for a run whose heads all scored 0). Runs are adjacent so
+    that query head h keeps attending through KV head ``h // (heads / KV heads)`` with no reordering.
+    """
+    cur = kv_scores.numel()
+    if new_kv < 1 or cur % new_kv:
+        raise ValueError(f"cannot merge {cur} KV heads into {new_kv}: it must divide them")
+    run = cur // new_kv
+    s = kv_scores.detach().double().cpu().view(new_kv, run)
+    if how == "mean":
+        w = torch.full_like(s, 1.0 / run)
+    elif how == "salient":
+        w = torch.zeros_like(s).scatter_(1, s.argmax(1, keepdim=True), 1.0)
+    elif how == "weighted":
+        total = s.sum(1, keepdim=True)
+        w = torch.where(total > 0, s / total.clamp_min(torch.finfo(s.dtype).tiny), torch.full_like(s, 1.0 / run))
+    else:
+        raise ValueError(f"KV merge must be one of {KV_MERGES}, got '{how}'")
+    mix = torch.zeros(new_kv, cur, dtype=torch.float64)
+    for g in range(new_kv):
+        mix[g, g * run:(g + 1) * run] = w[g]
+    return mix
+
+
+def attention_keep(q_scores: torch.Tensor, kv_scores: torch.Tensor, current: LayerShape, new: LayerShape, mode: str,
+                   kv_merge: str = "weighted") -> LayerKeep:
+    """What one layer's attention keeps to go from shape ``current`` to ``new`` in ladder ``mode``."""
+    keep = LayerKeep()
+    if new.num_heads == 0:
+        empty = torch.zeros(0, dtype=torch.long)
+        keep.q_heads, keep.kv_heads = empty, empty
+    elif mode == MERGE:
+        if new.num_kv_heads < current.num_kv_heads:
+            keep.kv_merge = choose_kv_merge(kv_scores, new.num_kv_heads, kv_merge)
+    elif new.num_heads < current.num_heads:
+        units = new.num_heads // new.num_kv_heads if mode == "query" else new.num_kv_heads
+        keep.q_heads, kv = choose_attention_keep(q_scores, kv_scores, current.num_kv_heads, units, mode)
+        if new.num_kv_heads < current.num_kv_heads:
+            keep.kv_heads = kv
+    return keep
 
 
 def choose_mlp_keep(scores: torch.Tensor, keep: int) -> torch.Tensor:

@@ -19,9 +19,10 @@ from .allocation import (
     step_targets,
 )
 from .args import GRADIENT_IMPORTANCES, PruneSettings
+from .attention_ladder import attention_params, rung_costs, rungs
 from .compensation import InputStatistics, check_compensation, compensate_layer, compensate_plan
 from .errors import UsageError
-from .groups import GroupScores, LayerKeep, choose_attention_keep, choose_mlp_keep
+from .groups import GroupScores, LayerKeep, attention_keep, choose_mlp_keep
 from .importance import (
     CalibPass,
     calibration_pass,
@@ -77,14 +78,13 @@ class AdaptPruner:
                              "(or use compensate='none' with magnitude/random importance and uniform allocation)")
 
     def min_params(self) -> int:
-        """Smallest reachable size: one attention unit and one MLP channel (or round_to) per layer."""
+        """Smallest reachable size: the lowest attention rung and one MLP channel (or round_to) per layer."""
         a = self.adapter
         total = self.fixed_params
         step = self.settings.round_to
+        ladder = self.settings.ladder
         for j, s in enumerate(self.original_shapes):
-            kv = s.num_kv_heads if self.settings.attention == "query" else 1
-            q = kv if self.settings.attention == "query" else s.num_heads // s.num_kv_heads
-            total += q * a.params_per_query_head(j) + kv * a.params_per_kv_head(j)
+            total += attention_params(a, j, s, rungs(s, ladder, j)[-1], ladder)
             total += min(step, s.intermediate_size) * a.params_per_channel(j)
         return total
 
@@ -126,7 +126,7 @@ class AdaptPruner:
             apply_plan(self.adapter, plan, optimizer)
             return
         for j, keep in enumerate(plan):
-            if keep.q_heads is None and keep.kv_heads is None and keep.mlp is None:
+            if keep.removes_nothing():
                 continue
             with self.streamed.resident(j):
                 if s.compensate != "none":
@@ -187,19 +187,13 @@ class AdaptPruner:
         costs = self._layer_costs(scores) if s.split == "saliency" else None
         budgets, sparsity = plan_budgets(
             self.adapter, self.original_shapes, self.original_prunable, target_prunable,
-            importance, amplitude, s.attention, s.round_to, costs, targets,
+            importance, amplitude, s.ladder, s.round_to, costs, targets,
         )
         plan = []
         for j, budget in enumerate(budgets):
             cur = self.adapter.layer_shape(j)
-            new = budget_shape(self.original_shapes[j], budget, s.attention)
-            keep = LayerKeep()
-            if new.num_heads < cur.num_heads:
-                units = budget.attention_units
-                keep.q_heads, kv = choose_attention_keep(scores.q_heads[j], scores.kv_heads[j], cur.num_kv_heads,
-                                                         units, s.attention)
-                if new.num_kv_heads < cur.num_kv_heads:
-                    keep.kv_heads = kv
+            new = budget_shape(self.original_shapes[j], budget, s.ladder)
+            keep = attention_keep(scores.q_heads[j], scores.kv_heads[j], cur, new, s.ladder, s.kv_merge)
             if new.intermediate_size < cur.intermediate_size:
                 keep.mlp = choose_mlp_keep(scores.mlp[j], new.intermediate_size)
             plan.append(keep)
@@ -218,18 +212,15 @@ class AdaptPruner:
         return record
 
     def _layer_costs(self, scores: GroupScores) -> list[LayerCosts]:
-        """Cumulative saliency of removing the cheapest attention units and MLP channels, per layer."""
+        """Saliency lost by each attention rung, and cumulative saliency of the cheapest MLP channels, per layer."""
         out = []
+        ladder = self.settings.ladder
         for j in range(len(self.adapter.layers)):
             shape = self.adapter.layer_shape(j)
-            q = scores.q_heads[j].double().cpu().view(shape.num_kv_heads, -1)
-            if self.settings.attention == "query":
-                unit = q.sort(dim=1).values.sum(0)  # r-th unit = r-th cheapest query head of every group
-            else:
-                unit = (q.sum(1) + scores.kv_heads[j].double().cpu()).sort().values
+            attention = rung_costs(scores.q_heads[j], scores.kv_heads[j], shape, ladder, rungs(shape, ladder, j))
             mlp = scores.mlp[j].double().cpu().sort().values
             zero = torch.zeros(1, dtype=torch.float64)
-            out.append(LayerCosts(torch.cat([zero, unit.cumsum(0)])[:-1], torch.cat([zero, mlp.cumsum(0)])[:-1]))
+            out.append(LayerCosts(attention, torch.cat([zero, mlp.cumsum(0)])[:-1]))
         return out
 
     def prune_to(self, target_params: int, steps: int | None = None, optimizer=None,
@@ -241,7 +232,7 @@ class AdaptPruner:
         if target_params < floor:
             raise UsageError(
                 f"target of {target_params:,} parameters is below the smallest reachable size {floor:,} "
-                f"(one attention unit and one MLP channel per layer, embeddings kept); ask for fewer removed"
+                f"(the lowest attention rung and one MLP channel per layer, embeddings kept); ask for fewer removed"
             )
         if target_params > current:
             raise UsageError(f"target of {target_params:,} parameters exceeds the current {current:,}; "

@@ -149,7 +149,10 @@ def _read_config(path: Path) -> dict:
 
 
 def _check_widths(path: Path, raw: dict) -> None:
-    """Per-layer widths must be lists of positive ints, one per layer, with whole query groups per KV head."""
+    """Per-layer widths must be lists of ints, one per layer, with whole query groups per KV head.
+
+    MLP widths are positive; heads and KV heads are positive, or both 0 for a layer without attention.
+    """
     n_layers = raw.get("num_hidden_layers")
     if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 1 <= n_layers <= MAX_LAYERS:
         raise PrunedModelError(f"{path}/config.json: num_hidden_layers must be an integer from 1 to {MAX_LAYERS}, "
@@ -161,12 +164,15 @@ def _check_widths(path: Path, raw: dict) -> None:
         if not isinstance(values, list) or len(values) != n_layers:
             raise PrunedModelError(f"{path}/config.json: '{key}' must list one width per layer ({n_layers}), got "
                                    f"{str(values)[:80]}; the config is damaged or was edited")
+        least = 1 if key == LAYER_MLP_KEY else 0
         for i, v in enumerate(values):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 raise PrunedModelError(f"{path}/config.json: {key}[{i}] is {v!r} ({type(v).__name__}); widths must "
-                                       f"be positive integers. The config is damaged or was edited")
+                                       f"be integers >= {least}. The config is damaged or was edited")
     for i, (q, kv) in enumerate(zip(raw[LAYER_HEADS_KEY], raw[LAYER_KV_HEADS_KEY])):
-        if q % kv:
+        if q == 0 and kv == 0:
+            continue  # a layer whose attention was removed (--deploy-target vllm)
+        if q == 0 or kv == 0 or q % kv:
             raise PrunedModelError(f"{path}/config.json: layer {i} has {q} query heads for {kv} KV heads (not a "
                                    f"multiple); the config is damaged or was edited")
 

@@ -226,7 +226,10 @@ class StreamedModel:
 
     def rewrite(self, index: int, scratch: Path) -> None:
         """Persist resident layer ``index`` (after surgery) to ``scratch``; later loads read it from there."""
-        params = self.layer_params[index]
+        # Surgery may have replaced modules (a removed attention sub-layer has no parameters): list them anew.
+        layer = self.adapter.layers[index]
+        params = {f"{LAYER_PREFIX}{index}.{name}": p for name, p in layer.named_parameters()}
+        self.layer_params[index] = params
         path = scratch / f"layer-{index:05d}.safetensors"
         tmp = path.with_suffix(".tmp")
         save_file({name: p.data.contiguous() for name, p in params.items()}, str(tmp), metadata={"format": "pt"})

@@ -32,7 +32,10 @@ def _gather_param(
     if param.grad is not None:
         tensors.append(param.grad)
     tensors += [state[k] for k in state_keys]
-    new = gather_channels(tensors, index.to(param.device), dim)
+    if index.numel() == 0:  # everything goes (a removed attention sub-layer)
+        new = [t.narrow(dim, 0, 0).clone() for t in tensors]
+    else:
+        new = gather_channels(tensors, index.to(param.device), dim)
     param.data = new[0]
     if param.grad is not None:
         param.grad = new[1]
@@ -45,6 +48,24 @@ def _gather_linear(lin: nn.Linear, index: torch.Tensor, dim: int, optimizer) -> 
     if lin.bias is not None and dim == 0:
         _gather_param(lin.bias, index, 0, optimizer)
     lin.out_features, lin.in_features = lin.weight.shape
+
+
+def _mix_heads(param: nn.Parameter, mix: torch.Tensor, head_dim: int, optimizer) -> None:
+    """Replace the heads (rows of ``head_dim``) of a K/V weight or bias by ``mix @ heads``, with its grad and
+    same-shaped optimizer state (non-negative weights, so Adam's second moment stays non-negative)."""
+    state = optimizer.state.get(param, {}) if optimizer is not None else {}
+    state_keys = [k for k, v in state.items() if torch.is_tensor(v) and v.shape == param.shape]
+
+    def mixed(t: torch.Tensor) -> torch.Tensor:
+        heads = t.reshape(mix.shape[1], head_dim, -1)
+        out = torch.einsum("nc,cdh->ndh", mix.to(t.device, torch.float64), heads.double()).to(t.dtype)
+        return out.reshape(mix.shape[0] * head_dim, *t.shape[1:]).contiguous()
+
+    param.data = mixed(param.data)
+    if param.grad is not None:
+        param.grad = mixed(param.grad)
+    for key in state_keys:
+        state[key] = mixed(state[key])
 
 
 def prune_layer(adapter: DecoderAdapter, index: int, keep: LayerKeep, optimizer=None) -> None:
@@ -61,6 +82,12 @@ def prune_layer(adapter: DecoderAdapter, index: int, keep: LayerKeep, optimizer=
         rows = head_rows(keep.kv_heads, d)
         _gather_linear(k, rows, 0, optimizer)
         _gather_linear(v, rows, 0, optimizer)
+    if keep.kv_merge is not None:
+        for lin in (k, v):
+            _mix_heads(lin.weight, keep.kv_merge, d, optimizer)
+            if lin.bias is not None:
+                _mix_heads(lin.bias, keep.kv_merge, d, optimizer)
+            lin.out_features = lin.weight.shape[0]
     if keep.mlp is not None:
         _gather_linear(gate, keep.mlp, 0, optimizer)
         _gather_linear(up, keep.mlp, 0, optimizer)
@@ -78,7 +105,10 @@ def apply_plan(adapter: DecoderAdapter, plan: list[LayerKeep], optimizer=None) -
 
 
 def zero_mask_layer(adapter: DecoderAdapter, index: int, keep: LayerKeep) -> None:
-    """Zero (instead of remove) what ``keep`` drops: the reference that surgery must match exactly."""
+    """Zero (instead of remove) what ``keep`` drops: the reference that surgery must match exactly.
+
+    A KV merge is mirrored by giving every KV head of a merged run the merged K/V (shapes unchanged).
+    """
     layer = adapter.layers[index]
     q, k, v, o = adapter.attention_projections(layer)
     gate, up, down = adapter.mlp_projections(layer)
@@ -101,6 +131,16 @@ def zero_mask_layer(adapter: DecoderAdapter, index: int, keep: LayerKeep) -> Non
             cols = torch.zeros(o.in_features, dtype=torch.bool)
             cols[head_rows(q_heads, d)] = True
             o.weight[:, cols] = 0
+        if keep.q_heads is not None and keep.q_heads.numel() == 0 and o.bias is not None:
+            o.bias.zero_()  # no attention at all adds no o_proj bias either
+        if keep.kv_merge is not None:
+            run = keep.kv_merge.shape[1] // keep.kv_merge.shape[0]
+            spread = keep.kv_merge.repeat_interleave(run, dim=0)  # each head takes its run's merged rows
+            for lin in (k, v):
+                for t in (lin.weight, lin.bias):
+                    if t is not None:
+                        heads = t.reshape(spread.shape[1], d, -1).double()
+                        t.copy_(torch.einsum("nc,cdh->ndh", spread, heads).reshape(t.shape).to(t.dtype))
         if keep.mlp is not None:
             ch = dropped(gate.out_features, keep.mlp)
             gate.weight[ch] = 0

@@ -44,3 +44,35 @@ def make_serving_model(family: str = "llama", seed: int = 0, **overrides):
             elif name.endswith("bias"):
                 p.normal_(0, 0.1)
     return model
+
+
+def merge_shrink(model, plan: list[tuple[int | None, int | None]], seed: int = 0):
+    """``--deploy-target vllm`` shapes by direct surgery: per layer, the KV heads to merge into (0 removes the
+    attention, None leaves it) and the number of random MLP channels to keep (None: all)."""
+    from adapt_engine.adapters import LayerShape
+    from adapt_engine.groups import attention_keep
+
+    adapter = DecoderAdapter(model)
+    gen = torch.Generator().manual_seed(seed)
+    keeps = []
+    for (kv, mlp), s in zip(plan, adapter.shapes()):
+        new = LayerShape(s.num_heads if kv != 0 else 0, s.num_kv_heads if kv is None else kv, s.intermediate_size)
+        keep = attention_keep(torch.rand(s.num_heads, generator=gen), torch.rand(s.num_kv_heads, generator=gen), s,
+                              new, "merge")
+        if mlp is not None:
+            keep.mlp = torch.randperm(s.intermediate_size, generator=gen)[:mlp].sort().values
+        keeps.append(keep)
+    apply_plan(adapter, keeps)
+    return model
+
+
+def vllm_target_model():
+    """A tiny serving model (6 query heads, 6 KV heads, 4 layers) pruned by ``AdaptPruner`` for
+    ``--deploy-target vllm`` to 55 %: KV heads merged 6 -> 3 in layers 1-2 and layer 3's attention removed."""
+    from adapt_engine.pruner import AdaptPruner, PruneSettings
+
+    model = make_serving_model(num_hidden_layers=4, num_key_value_heads=6)
+    calib = torch.randint(3, 320, (8, 16), generator=torch.Generator().manual_seed(0))
+    pruner = AdaptPruner(model, PruneSettings(steps=2, deploy_target="vllm", calib_batch_size=8), calib)
+    pruner.prune_to(pruner.target_from_sparsity(0.55))
+    return model

@@ -406,3 +406,20 @@ def test_resume_loads_the_pruned_tokenizer_without_a_model_type_warning(model_di
     finally:
         hf_logger.removeHandler(handler)
     assert not [m for m in seen if "to instantiate a model of type" in m], seen
+
+
+def test_accel_for_vllm_resumes_through_merged_and_removed_attention(model_dir, tmp_path):
+    """--deploy-target vllm under training: merged K/V moments, NoAttention layers, checkpoints and resume."""
+    from adapt_engine.adapters import DecoderAdapter
+
+    kw = dict(sparsity=0.6, deploy_target="vllm", saliency="train", micro_batch=2, checkpoint_every=2)
+    whole = run(_cfg(model_dir, tmp_path / "whole", **kw))
+    shapes = DecoderAdapter(whole.model).shapes()
+    assert shapes[0].num_heads == 6
+    assert all((s.num_heads, s.num_kv_heads) in ((0, 0), (6, 2), (6, 1)) for s in shapes)
+    assert any(s.num_kv_heads < 2 for s in shapes)  # something was merged or removed
+    cfg = _cfg(model_dir, tmp_path / "cut", **kw)
+    with pytest.raises(Interrupt):
+        run(cfg, on_step=_interrupt_at(5))
+    resumed = run(_cfg(model_dir, tmp_path / "cut", resume=True, **kw))
+    _assert_same_weights(whole.model, resumed.model)

@@ -89,3 +89,22 @@ def test_accel_ends_like_prune_with_the_measured_speedup(tmp_path, tiny_model_di
     out = capsys.readouterr().out
     assert "adapt-engine accel report" in out and "speedup" in out.lower()
     assert (tmp_path / "a" / "pruning_report.png").stat().st_size > 1000
+
+
+def test_prune_for_vllm_reprunes_and_exports_without_padding(tmp_path, tiny_model_dir, capsys):
+    first, second, served = tmp_path / "a", tmp_path / "b", tmp_path / "served"
+    args = [a for a in _prune_args(tiny_model_dir, first, "--sparsity", "0.6", "--deploy-target", "vllm")
+            if a != "--no-bench"]
+    assert main(args) == 0
+    assert main(_prune_args(first, second, "--sparsity", "0.3", "--deploy-target", "vllm")) == 0
+    for out in (first, second):
+        report = json.loads((out / "pruning_report.json").read_text())
+        assert report["settings"]["deploy_target"] == "vllm"
+        assert {w["num_heads"] for w in report["widths_after"]} <= {0, 6}
+    assert any(w["num_heads"] == 0 for w in report["widths_after"])  # a layer without attention was made
+    capsys.readouterr()
+    assert main(["export", "--model", str(second), "--format", "vllm", "--output", str(served)]) == 0
+    assert "no query-head padding needed" in capsys.readouterr().out
+    assert main(_prune_args(tiny_model_dir, tmp_path / "c", "--sparsity", "0.3", "--deploy-target", "vllm",
+                            "--attention", "kv")) == 2
+    assert "--attention kv" in capsys.readouterr().err

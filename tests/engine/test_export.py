@@ -4,14 +4,16 @@ import json
 
 import pytest
 import torch
-from serving_models import make_serving_model, shrink
+from safetensors import safe_open
+from serving_models import make_serving_model, merge_shrink, shrink, vllm_target_model
 from tiny_models import make_tiny_model
 
+from adapt_engine.adapters import DecoderAdapter
 from adapt_engine.cli import main
 from adapt_engine.errors import UsageError
 from adapt_engine.export import export_model
 from adapt_engine.export_gguf import rope_rows_to_pairs
-from adapt_engine.export_layout import ServingLayer, padded_head_count
+from adapt_engine.export_layout import ServingLayer, padded_head_count, serving_layers
 from adapt_engine.saving import save_pruned
 
 # layer 0 keeps one query head per KV group, layer 1 lost a whole KV group (--attention kv), layer 2 has an odd
@@ -117,3 +119,40 @@ def test_cli_export_writes_once_and_refuses_to_clobber(pruned_dir, tmp_path, cap
     assert main(["export", "--model", str(pruned_dir), "--format", "gguf", "--output", str(out),
                  "--overwrite"]) == 0
     assert (out / "model.gguf").is_file() and not (out / "model.safetensors").exists()
+
+
+def test_vllm_target_prune_exports_without_padding(tmp_path, tiny_tokenizer):
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    model = vllm_target_model()
+    shapes = [(s.heads, s.kv_heads) for s in serving_layers(DecoderAdapter(model))]
+    assert shapes[0] == (6, 6) and (6, 3) in shapes and shapes[3] == (0, 0)  # merged KV heads and a no-op layer
+    report = export_model(model, tiny_tokenizer, "vllm", tmp_path / "deci")
+    assert report["num_attention_heads"] == 6 and report["padding"]["padded_query_heads"] == 0
+    assert report["padding"]["overhead"] == 0.0
+    cfg = json.loads((tmp_path / "deci" / "config.json").read_text())
+    attn = [b["attention"] for b in cfg["block_configs"]]
+    assert [a["no_op"] for a in attn] == [False, False, False, True]
+    assert [a.get("n_heads_in_group") for a in attn[:3]] == [6 // kv for _, kv in shapes[:3]]
+    with safe_open(tmp_path / "deci" / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert not any(n.startswith("model.layers.3.self_attn") for n in names)
+    assert "model.layers.3.input_layernorm.weight" not in names and "model.layers.3.mlp.up_proj.weight" in names
+    deci = AutoModelForCausalLM.from_pretrained(tmp_path / "deci", trust_remote_code=True, dtype=torch.float32)
+    ids = torch.randint(0, 320, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, deci.eval()(ids).logits, atol=1e-5, rtol=0)
+    export_model(model, tiny_tokenizer, "gguf", tmp_path / "g")
+    reader = gguf.GGUFReader(tmp_path / "g" / "model.gguf")
+    field = {k: f.contents() for k, f in reader.fields.items()}
+    assert field["deci.attention.head_count"] == [h for h, _ in shapes]
+    assert field["deci.attention.head_count_kv"] == [kv for _, kv in shapes]
+    assert not any(t.name.startswith("blk.3.attn") for t in reader.tensors)
+
+
+def test_a_model_without_attention_in_layer_0_is_refused_for_vllm(tmp_path, tiny_tokenizer):
+    model = merge_shrink(make_serving_model(), [(0, None), (None, None), (None, None)])
+    with pytest.raises(UsageError, match="layer 0 has no attention"):
+        export_model(model, tiny_tokenizer, "vllm", tmp_path / "deci")
+    export_model(model, tiny_tokenizer, "gguf", tmp_path / "g")  # llama.cpp runs it

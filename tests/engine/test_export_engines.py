@@ -1,8 +1,10 @@
 """Exports run in the real engines: vLLM (DeciLM folder) and llama.cpp (GGUF) against our transformers model.
 
 Models: a tiny Llama whose layers lost all but one query head per KV group, a whole KV group (what
-``--attention kv`` does) and MLP channels down to odd widths; and the real SmolLM2-135M pruned by the same
-kinds of surgery in a few layers. Both are saved as pruned outputs, reloaded with our loader (the reference)
+``--attention kv`` does) and MLP channels down to odd widths; a tiny Llama pruned by ``AdaptPruner`` with
+``--deploy-target vllm`` (KV heads merged 6 -> 3, a layer without attention, MLP widths down to 1; exported
+with no padding); and the real SmolLM2-135M pruned by the same kinds of surgery as the first in a few layers.
+All are saved as pruned outputs, reloaded with our loader (the reference)
 and exported in float32. Checked: greedy tokens equal the reference's, and every generated and prompt
 token's log-probability agrees within ``LOGPROB_TOL`` (measured: a few 1e-6 for the tiny model in both
 engines). Where an engine picks the other of two tokens whose reference log-probabilities are within
@@ -16,7 +18,7 @@ import os
 
 import pytest
 import torch
-from serving_models import make_serving_model, shrink
+from serving_models import make_serving_model, shrink, vllm_target_model
 
 from adapt_engine.export import export_model
 from adapt_engine.models import load_model
@@ -82,17 +84,21 @@ def exported(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("served")
     cases = {}
     tiny = save_pruned(shrink(make_serving_model(), TINY_PLAN), tiny_tokenizer, root / "tiny")
+    deploy = save_pruned(vllm_target_model(), tiny_tokenizer, root / "tiny-deploy-vllm")
     smol_model, smol_tok = load_model(None)
     smol = save_pruned(shrink(smol_model, SMOL_PLAN), smol_tok, root / "smollm2")
     del smol_model
     gen = torch.Generator().manual_seed(0)
-    for name, folder in (("tiny", tiny), ("smollm2", smol)):
+    for name, folder in (("tiny", tiny), ("tiny-deploy-vllm", deploy), ("smollm2", smol)):
         model, tok = load_model(str(folder))
-        if name == "tiny":
+        if name.startswith("tiny"):
             prompts = [torch.randint(3, 320, (n,), generator=gen).tolist() for n in (5, 9, 14)]
         else:
             prompts = [tok.encode(t, add_special_tokens=False) for t in SMOL_TEXTS]
-        export_model(model, tok, "vllm", root / f"{name}-vllm")
+        report = export_model(model, tok, "vllm", root / f"{name}-vllm")
+        if name == "tiny-deploy-vllm":  # pruned for vLLM: merged KV heads, a layer without attention, no padding
+            assert report["padding"]["padded_query_heads"] == 0
+            assert {(s["heads"], s["kv_heads"]) for s in report["layers"]} >= {(6, 3), (0, 0)}
         export_model(model, tok, "gguf", root / f"{name}-gguf")
         cases[name] = (model, tok, prompts, str(root / f"{name}-vllm"), str(root / f"{name}-gguf" / "model.gguf"))
     return cases

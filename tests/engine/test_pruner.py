@@ -7,6 +7,7 @@ import torch
 from tiny_models import FAMILY_CASES, make_tiny_model
 
 from adapt_engine.adapters import DecoderAdapter, UnsupportedModelError, count_params
+from adapt_engine.errors import UsageError
 from adapt_engine.importance import calibration_pass, normalize_importance
 from adapt_engine.pruner import AdaptPruner, PruneSettings
 
@@ -162,3 +163,54 @@ def test_vectorize_takes_abs_of_the_whole_group_sum():
     signed += (mlp.up_proj.weight * mlp.up_proj.weight.grad).sum(1)
     signed += (mlp.down_proj.weight * mlp.down_proj.weight.grad).sum(0)
     torch.testing.assert_close(scores.mlp[0], signed.abs().detach(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family,gqa,sparsity,split", [
+    ("llama", True, 0.5, "saliency"), ("llama", False, 0.5, "saliency"), ("qwen2", True, 0.7, "saliency"),
+    ("llama", False, 0.5, "proportional")])
+def test_vllm_target_keeps_every_query_head_or_none(family, gqa, sparsity, split):
+    model = make_tiny_model(family, gqa, layers=4)
+    heads = model.config.num_attention_heads
+    pruner = AdaptPruner(model, PruneSettings(steps=3, deploy_target="vllm", split=split, calib_batch_size=4),
+                         _calib())
+    target = pruner.target_from_sparsity(sparsity)
+    pruner.prune_to(target)
+    adapter = DecoderAdapter(model)
+    assert abs(count_params(model) - target) <= adapter.params_per_channel(0) / 2 + 1
+    shapes = adapter.shapes()
+    assert shapes[0].num_heads == heads  # layer 0 never loses its attention
+    for s in shapes:
+        assert (s.num_heads, s.num_kv_heads) == (0, 0) or (s.num_heads == heads and heads % s.num_kv_heads == 0)
+    x = torch.randint(0, 320, (1, 7))
+    with torch.no_grad():
+        assert torch.isfinite(model(x).logits).all()
+
+
+def test_vllm_target_merges_and_removes_attention_on_mha():
+    model = make_tiny_model("llama", False, layers=4)  # 4 query heads, 4 KV heads
+    pruner = AdaptPruner(model, PruneSettings(steps=3, deploy_target="vllm", calib_batch_size=4), _calib())
+    pruner.prune_to(pruner.target_from_sparsity(0.5))
+    kinds = {(s.num_heads, s.num_kv_heads) for s in DecoderAdapter(model).shapes()}
+    assert (0, 0) in kinds and kinds & {(4, 2), (4, 1)}
+    # the smallest reachable size: layer 0 with one merged KV head, no attention elsewhere, one channel each
+    a = DecoderAdapter(make_tiny_model("llama", False, layers=4))
+    floor = AdaptPruner(a.model, PruneSettings(deploy_target="vllm", compensate="none", allocation="uniform",
+                                               importance="magnitude"), None).min_params()
+    fixed = count_params(a.model) - a.prunable_params()
+    assert floor == fixed + 4 * a.params_per_query_head(0) + a.params_per_kv_head(0) + 4 * a.params_per_channel(0)
+
+
+def test_llama_cpp_target_prunes_exactly_like_hf():
+    out = []
+    for target in ("hf", "llama.cpp"):
+        model = make_tiny_model("llama", True)
+        pruner = AdaptPruner(model, PruneSettings(steps=2, deploy_target=target, calib_batch_size=4), _calib())
+        pruner.prune_to(pruner.target_from_sparsity(0.4))
+        out.append(model.state_dict())
+    assert out[0].keys() == out[1].keys()
+    assert all(torch.equal(out[0][k], out[1][k]) for k in out[0])
+
+
+def test_vllm_target_refuses_query_removal():
+    with pytest.raises(UsageError, match="--attention kv"):
+        PruneSettings(deploy_target="vllm", attention="kv").validate()

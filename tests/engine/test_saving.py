@@ -11,10 +11,13 @@ from tiny_models import FAMILY_CASES, make_tiny_model
 from transformers import AutoModelForCausalLM
 
 from adapt_engine import fsio
-from adapt_engine.adapters import UnsupportedModelError
+from adapt_engine.adapters import DecoderAdapter, LayerShape, UnsupportedModelError
 from adapt_engine.errors import AdaptEngineError
+from adapt_engine.groups import attention_keep
 from adapt_engine.pruner import AdaptPruner, PruneSettings
+from adapt_engine.remote.adapt_pruned_shapes import NoAttention
 from adapt_engine.saving import PrunedModelError, load_pruned, save_pruned
+from adapt_engine.surgery import apply_plan
 
 
 def _pruned(family="llama", gqa=True, mode="query"):
@@ -40,6 +43,34 @@ def test_roundtrip_both_loaders(tmp_path, tiny_tokenizer, family, gqa):
     assert len(cfg["layer_intermediate_sizes"]) == 3 and "quantization_config" not in cfg
     assert (out / "pruning_report.json").is_file() and (out / "tokenizer.json").is_file()
     assert not list(tmp_path.glob(".out.tmp-*"))  # no temporary left behind
+
+
+@pytest.mark.parametrize("family", ["llama", "llama-bias", "qwen2", "gemma2"])
+def test_roundtrip_of_a_layer_without_attention(tmp_path, tiny_tokenizer, family):
+    model = make_tiny_model(family, True)
+    adapter = DecoderAdapter(model)
+    shapes = adapter.shapes()
+    targets = [LayerShape(6, 1, 80), LayerShape(0, 0, 80), LayerShape(6, 2, 80)]
+    apply_plan(adapter, [attention_keep(torch.rand(6), torch.rand(2), s, t, "merge") for s, t in zip(shapes, targets)])
+    out = save_pruned(model, tiny_tokenizer, tmp_path / "out")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["layer_num_attention_heads"] == [6, 0, 6] and cfg["layer_num_key_value_heads"] == [1, 0, 2]
+    x = torch.randint(0, 320, (2, 9))
+    with torch.no_grad():
+        ref = model(x).logits
+        ours = load_pruned(out)
+        stock = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+        assert torch.equal(ours(x).logits, ref)
+        assert torch.equal(stock(x).logits, ref)
+    assert isinstance(ours.model.layers[1].self_attn, NoAttention)
+    # one of the two zero, or an MLP of 0, is damage, not a layer without attention
+    for key, i, value in (("layer_num_key_value_heads", 0, 0), ("layer_num_attention_heads", 1, 6),
+                          ("layer_intermediate_sizes", 2, 0)):
+        bad = json.loads(json.dumps(cfg))
+        bad[key][i] = value
+        (out / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(PrunedModelError, match="damaged"):
+            load_pruned(out)
 
 
 def test_missing_and_corrupt_files_get_clear_errors(tmp_path, tiny_tokenizer):

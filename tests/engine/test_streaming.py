@@ -61,14 +61,18 @@ def test_streamed_pass_other_gradient_metrics(tmp_path, metric):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("compensate", ["none", "lstsq"])
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
-def test_streamed_prune_equals_in_memory(tmp_path, family, compensate):
+@pytest.mark.parametrize(("family", "compensate", "target"), [
+    ("llama", "none", "hf"), ("llama", "lstsq", "hf"), ("qwen2", "lstsq", "hf"), ("gemma2", "lstsq", "hf"),
+    ("llama", "lstsq", "vllm"), ("qwen2", "none", "vllm"),
+])
+def test_streamed_prune_equals_in_memory(tmp_path, family, compensate, target):
     model, folder = _saved(tmp_path, family)
-    settings = PruneSettings(steps=2, calib_batch_size=4, calib_micro_batch=3, compensate=compensate)
+    # vllm with the proportional split: layer 0 merges its KV heads, the others lose their attention entirely.
+    settings = PruneSettings(steps=2, calib_batch_size=4, calib_micro_batch=3, compensate=compensate,
+                             deploy_target=target, split="proportional" if target == "vllm" else "saliency")
     ids = _calib()
     pruner = AdaptPruner(model, settings, ids)
-    target = pruner.target_from_sparsity(0.4)
+    target = pruner.target_from_sparsity(0.6 if target == "vllm" else 0.4)
     pruner.prune_to(target)
     streamed = open_streamed(folder, torch.float32)
     scratch = tmp_path / "scratch"
@@ -76,6 +80,9 @@ def test_streamed_prune_equals_in_memory(tmp_path, family, compensate):
     spruner = AdaptPruner(streamed.model, settings, ids, streamed=streamed, scratch=scratch)
     spruner.prune_to(target)
     assert [r["widths"] for r in spruner.history] == [r["widths"] for r in pruner.history]
+    if target == "vllm":
+        widths = spruner.history[-1]["widths"]
+        assert widths[0]["num_kv_heads"] == 1 and widths[1]["num_heads"] == 0
     assert [r["calib_loss"] for r in spruner.history] == [r["calib_loss"] for r in pruner.history]
     # The streamed output, saved shard by shard, reloads to the in-memory result.
     out = save_pruned(streamed.model, None, tmp_path / "streamed", write_weights=streamed.write_weights)

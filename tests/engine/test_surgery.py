@@ -6,8 +6,9 @@ import pytest
 import torch
 from tiny_models import FAMILY_CASES, make_tiny_model
 
-from adapt_engine.adapters import DecoderAdapter
-from adapt_engine.groups import LayerKeep
+from adapt_engine.adapters import DecoderAdapter, LayerShape
+from adapt_engine.groups import KV_MERGES, LayerKeep, attention_keep, choose_kv_merge
+from adapt_engine.remote.adapt_pruned_shapes import NoAttention
 from adapt_engine.surgery import apply_plan, zero_mask_layer
 
 
@@ -86,3 +87,73 @@ def test_optimizer_state_and_grad_follow_the_weights():
     model(input_ids=x, labels=x).loss.backward()
     opt.step()
     assert opt.state[gate]["exp_avg"].shape == gate.shape
+
+
+def _merge_plan(adapter: DecoderAdapter, how: str) -> list[LayerKeep]:
+    """--deploy-target vllm shapes: layer 0 merges its KV heads into one, layer 1 loses its attention, MLP cut."""
+    gen = torch.Generator().manual_seed(2)
+    shapes = adapter.shapes()
+    plan = []
+    for j, s in enumerate(shapes):
+        new = LayerShape(0, 0, s.intermediate_size) if j == 1 else LayerShape(s.num_heads, 1, s.intermediate_size)
+        keep = attention_keep(torch.rand(s.num_heads, generator=gen), torch.rand(s.num_kv_heads, generator=gen), s,
+                              new, "merge", how)
+        keep.mlp = torch.randperm(s.intermediate_size, generator=gen)[:s.intermediate_size // 2].sort().values
+        plan.append(keep)
+    return plan
+
+
+@pytest.mark.parametrize("family,gqa", FAMILY_CASES)
+def test_merged_kv_heads_and_removed_attention_equal_their_masked_reference(family, gqa):
+    dense = make_tiny_model(family, gqa)
+    pruned = copy.deepcopy(dense)
+    adapter = DecoderAdapter(pruned)
+    plan = _merge_plan(adapter, "weighted")
+    masked = copy.deepcopy(dense)
+    for j, keep in enumerate(plan):
+        zero_mask_layer(DecoderAdapter(masked), j, keep)
+    apply_plan(adapter, plan)
+    heads = dense.config.num_attention_heads
+    assert [(s.num_heads, s.num_kv_heads) for s in adapter.shapes()] == [(heads, 1), (0, 0), (heads, 1)]
+    assert isinstance(adapter.layers[1].self_attn, NoAttention)
+    assert sum(p.numel() for p in adapter.layers[1].self_attn.parameters()) == 0
+    x = torch.randint(0, 320, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x).logits, masked(x).logits, rtol=1e-5, atol=1e-5)
+        assert (dense(x).logits - pruned(x).logits).abs().max() > 1e-3
+    out = pruned.generate(x[:1], max_new_tokens=4, do_sample=False)  # the KV cache skips the layer
+    assert out.shape == (1, 15)
+
+
+@pytest.mark.parametrize("how", KV_MERGES)
+def test_kv_merge_weights(how):
+    scores = torch.tensor([1.0, 3.0, 0.0, 0.0])
+    mix = choose_kv_merge(scores, 2, how)
+    assert mix.shape == (2, 4) and torch.allclose(mix.sum(1), torch.ones(2, dtype=mix.dtype))
+    assert (mix[0, 2:] == 0).all() and (mix[1, :2] == 0).all()  # adjacent runs only
+    # the second run's heads both scored 0: weighted falls back to the mean, salient keeps the first
+    want = {"mean": [0.5, 0.5, 0.5, 0.5], "salient": [0.0, 1.0, 1.0, 0.0], "weighted": [0.25, 0.75, 0.5, 0.5]}[how]
+    assert mix[0, :2].tolist() + mix[1, 2:].tolist() == want
+    with pytest.raises(ValueError, match="must divide"):
+        choose_kv_merge(scores, 3, how)
+
+
+def test_optimizer_state_follows_merged_and_removed_attention():
+    model = make_tiny_model("qwen2", True)
+    adapter = DecoderAdapter(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 320, (2, 9))
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    k = adapter.layers[0].self_attn.k_proj.weight
+    q1 = adapter.layers[1].self_attn.q_proj.weight
+    plan = _merge_plan(adapter, "mean")
+    expected = opt.state[k]["exp_avg"].view(2, 8, -1).mean(0)
+    apply_plan(adapter, plan, optimizer=opt)
+    assert adapter.layers[0].self_attn.k_proj.weight is k and k.shape == (8, 48)
+    torch.testing.assert_close(opt.state[k]["exp_avg"], expected)
+    assert adapter.layers[1].self_attn.q_proj.weight is q1 and q1.numel() == 0
+    opt.zero_grad()
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()  # training goes on with the smaller model
+    assert opt.state[k]["exp_avg"].shape == k.shape
