@@ -30,7 +30,7 @@ from .importance import (
     random_scores,
 )
 from .importance_scale import scale_importance
-from .streaming import StreamedModel, StreamingError, streamed_calibration_pass
+from .streaming import StreamedModel, StreamingError, available_memory_bytes, streamed_calibration_pass
 from .surgery import apply_plan, prune_layer
 
 __all__ = ["PruneSettings", "AdaptPruner", "count_params"]
@@ -108,13 +108,26 @@ class AdaptPruner:
         return raw, scores, loss
 
     def _calibration_pass(self, similarity: str | None, saliency_metric: str | None, progress, observers: tuple):
-        """:func:`calibration_pass` over this sub-step's windows, or its streamed twin (whose cut sweep gathers
-        compensation statistics layer by layer instead of ``observers``)."""
+        """:func:`calibration_pass` over this sub-step's windows, or its streamed twin (which keeps every layer's
+        inputs when the compensation statistics are to be gathered layer by layer at the cut instead of by
+        ``observers``)."""
         s = self.settings
         opts = CalibPass(s.calib_batch_size, similarity, saliency_metric, s.calib_dtype, s.calib_micro_batch)
         if self.streamed is not None:
-            return streamed_calibration_pass(self.streamed, self.calib_ids, opts, progress, keep_inputs=True)
+            replay = s.compensate != "none" and not observers  # statistics gathered per layer at the cut
+            return streamed_calibration_pass(self.streamed, self.calib_ids, opts, progress, observers=observers,
+                                             keep_inputs=replay)
         return calibration_pass(self.adapter, self.calib_ids, **asdict(opts), progress=progress, observers=observers)
+
+    def _statistics_fit(self) -> bool:
+        """Whether every layer's compensation statistics together take under a quarter of the available memory
+        (then a streamed prune gathers them in its forward sweep instead of replaying each layer's forward)."""
+        if self.settings.compensate != "lstsq":
+            return True
+        d = self.adapter.head_dim
+        need = sum(8 * (s.intermediate_size ** 2 + (s.num_heads * d) ** 2) for s in self.adapter.shapes())
+        free = available_memory_bytes()
+        return free is not None and need < free / 4
 
     def _cut(self, plan: list[LayerKeep], stats: InputStatistics | None, optimizer) -> None:
         """Compensate (if asked) and remove what ``plan`` drops; streamed, one resident layer at a time."""
@@ -125,15 +138,19 @@ class AdaptPruner:
                 compensate_plan(self.adapter, plan, stats, s.compensate_damp)
             apply_plan(self.adapter, plan, optimizer)
             return
+        if stats is not None:  # gathered in the forward sweep (they fit in memory)
+            stats.reduce_across_ranks()
         for j, keep in enumerate(plan):
             if keep.removes_nothing():
                 continue
             with self.streamed.resident(j):
                 if s.compensate != "none":
-                    layer_stats = InputStatistics(self.adapter, s.compensate)
-                    with layer_stats.attached([j]):
-                        self.streamed.replay(j)  # the uncut layer's forward on its calibration inputs
-                    layer_stats.reduce_across_ranks()
+                    layer_stats = stats
+                    if layer_stats is None:  # one layer's statistics at a time: replay its calibration forward
+                        layer_stats = InputStatistics(self.adapter, s.compensate)
+                        with layer_stats.attached([j]):
+                            self.streamed.replay(j)
+                        layer_stats.reduce_across_ranks()
                     compensate_layer(self.adapter, j, keep, layer_stats, s.compensate_damp)
                 prune_layer(self.adapter, j, keep)
                 self.streamed.rewrite(j, self.scratch)
@@ -156,7 +173,9 @@ class AdaptPruner:
         if s.calib_resample and self.history:
             self.calib_ids = self.calib_sampler(len(self.history))
         stats = InputStatistics(self.adapter, s.compensate) if s.compensate != "none" else None
-        observers = (stats,) if stats is not None and self.streamed is None else ()
+        if stats is not None and self.streamed is not None and not self._statistics_fit():
+            stats = None  # streamed: each layer's statistics are gathered when it is cut (replay)
+        observers = (stats,) if stats is not None else ()
         if group_scores is not None and (s.allocation == "adaptive" or s.compensate != "none"):
             raw, _, loss = self._calibration_pass(s.similarity if s.allocation == "adaptive" else None, None,
                                                   progress, observers)

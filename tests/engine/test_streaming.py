@@ -159,3 +159,25 @@ def test_offload_layer_needs_a_model_folder(tmp_path):
     from adapt_engine.cli import main
 
     assert main(["prune", "--output", str(tmp_path / "o"), "--sparsity", "0.2", "--offload", "layer"]) == 2
+
+
+def test_streamed_compensation_replays_layers_when_statistics_do_not_fit(tmp_path, monkeypatch):
+    import adapt_engine.pruner as pruner_module
+
+    model, folder = _saved(tmp_path)
+    settings = PruneSettings(steps=2, calib_batch_size=4, calib_micro_batch=3)
+    ids = _calib()
+    pruner = AdaptPruner(model, settings, ids)
+    target = pruner.target_from_sparsity(0.4)
+    pruner.prune_to(target)
+    for free in (1 << 40, 1 << 10):  # all statistics fit (gathered in the sweep) / none fit (replayed per layer)
+        monkeypatch.setattr(pruner_module, "available_memory_bytes", lambda free=free: free)
+        streamed = open_streamed(folder, torch.float32)
+        scratch = tmp_path / f"scratch{free}"
+        scratch.mkdir()
+        spruner = AdaptPruner(streamed.model, settings, ids, streamed=streamed, scratch=scratch)
+        spruner.prune_to(target)
+        assert [r["widths"] for r in spruner.history] == [r["widths"] for r in pruner.history]
+        out = save_pruned(streamed.model, None, tmp_path / f"out{free}", write_weights=streamed.write_weights)
+        for name, p in load_pruned(out).named_parameters():
+            assert torch.equal(p, dict(model.named_parameters())[name]), (free, name)
