@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .adapters import DecoderAdapter
@@ -89,6 +88,32 @@ def read_safetensors_tensors(path: Path, names: list[str]) -> dict[str, torch.Te
             out[name] = torch.frombuffer(buf, dtype=dtype).reshape(info["shape"]) if buf else \
                 torch.empty(info["shape"], dtype=dtype)
     return out
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` as a safetensors file straight from their memory.
+
+    ``safetensors.torch.save_file`` first copies every tensor into a bytes object, which doubles the memory
+    of the largest tensor (an 8B Llama's 1 GB embedding); this writes the header, then each tensor's bytes.
+    """
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    parts = []
+    for name, t in tensors.items():
+        t = t.detach().contiguous()
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        parts.append(t)
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for t in parts:
+            if t.numel():
+                fh.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
 
 
 class ShardStore:
@@ -262,7 +287,7 @@ class StreamedModel:
         self.layer_params[index] = params
         path = scratch / f"layer-{index:05d}.safetensors"
         tmp = path.with_suffix(".tmp")
-        save_file({name: p.data.contiguous() for name, p in params.items()}, str(tmp), metadata={"format": "pt"})
+        write_safetensors(tmp, {name: p.data for name, p in params.items()})
         tmp.replace(path)  # scratch of this run only: a rename is enough, no fsync
         self.store.files.update({name: path for name in params})
 
@@ -273,8 +298,10 @@ class StreamedModel:
         files = [f"model-{i + 1:05d}-of-{n + 1:05d}.safetensors" for i in range(n + 1)]
         weight_map: dict[str, str] = {}
         for i, params in enumerate([*self.layer_params, self.end_params]):
-            tensors = self.store.read(list(params), self.dtype)
-            save_file(tensors, str(folder / files[i]), metadata={"format": "pt"})
+            # The ends are resident: written from memory, not read a second time.
+            tensors = ({name: p.data for name, p in params.items()} if params is self.end_params
+                       else self.store.read(list(params), self.dtype))
+            write_safetensors(folder / files[i], tensors)
             weight_map.update({name: files[i] for name in tensors})
             del tensors
         total = sum((folder / f).stat().st_size for f in files)
