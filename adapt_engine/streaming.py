@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .adapters import DecoderAdapter
@@ -59,35 +59,8 @@ def is_placeholder(t: torch.Tensor) -> bool:
     return t.dim() > 0 and t.numel() > 1 and all(s == 0 for s in t.stride())
 
 
-# safetensors dtype names of the floating-point weights a decoder LLM stores.
+# safetensors dtype names of the floating-point weights a decoder LLM stores (what write_safetensors writes).
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
-def read_safetensors_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """``names`` from one safetensors file, read with plain file reads into memory the tensors own.
-
-    Not memory-mapped on purpose: mapped pages of a file count in the process's resident memory while mapped,
-    so reading a 1 GB embedding through a mapping shows 2 GB at the peak; a read into the tensor's own buffer
-    shows 1 GB (the page cache still serves repeated reads)."""
-    with open(path, "rb") as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(size))
-        base = 8 + size
-        out = {}
-        for name in names:
-            info = header[name]
-            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise StreamingError(f"{path}: weight '{name}' is stored as {info['dtype']}; streaming reads "
-                                     f"{', '.join(SAFETENSORS_DTYPES)} weights")
-            start, end = info["data_offsets"]
-            buf = bytearray(end - start)
-            fh.seek(base + start)
-            if fh.readinto(buf) != len(buf):
-                raise StreamingError(f"{path} is truncated at weight '{name}'; download or save the model again")
-            out[name] = torch.frombuffer(buf, dtype=dtype).reshape(info["shape"]) if buf else \
-                torch.empty(info["shape"], dtype=dtype)
-    return out
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -117,7 +90,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 class ShardStore:
-    """The tensors of a model folder's safetensors shards, read group by group."""
+    """The tensors of a model folder's safetensors shards, read group by group (memory-mapped)."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -132,8 +105,12 @@ class ShardStore:
                                      f"shards (convert the model, or prune without streaming)")
             self.files = {}
             for f in files:
-                with safe_open(str(f), framework="pt") as fh:
-                    self.files.update({name: f for name in fh.keys()})
+                try:
+                    with safe_open(str(f), framework="pt") as fh:
+                        self.files.update({name: f for name in fh.keys()})
+                except SafetensorError as err:
+                    raise StreamingError(f"{f} is corrupt or truncated ({err}); download or save the model "
+                                         f"again") from err
 
     def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The tensors ``names`` at ``dtype`` (each shard opened once)."""
@@ -144,8 +121,14 @@ class ShardStore:
             by_file.setdefault(self.files[name], []).append(name)
         out = {}
         for f, group in by_file.items():
-            for name, tensor in read_safetensors_tensors(f, group).items():
-                out[name] = tensor.to(dtype)
+            try:
+                # Tensors of the model's dtype stay backed by the file's pages (mapped copy-on-write): the kernel
+                # can drop and re-read them, so they cost less resident memory than a copy would.
+                with safe_open(str(f), framework="pt") as fh:
+                    for name in group:
+                        out[name] = fh.get_tensor(name).to(dtype)
+            except SafetensorError as err:
+                raise StreamingError(f"{f} is corrupt or truncated ({err}); download or save the model again") from err
         return out
 
 
