@@ -231,19 +231,3 @@ def output_error_scores(adapter: DecoderAdapter, stats: InputStatistics, compens
         scores.q_heads[j].copy_(_block_errors(o.weight, stats.attn[j], d, compensated, damp).float().cpu())
         scores.mlp[j].copy_(_block_errors(down.weight, stats.mlp[j], 1, compensated, damp).float().cpu())
     return scores
-
-
-def blend_with_output_error(taylor: GroupScores, output: GroupScores, n_rep: list[int]) -> GroupScores:
-    """Geometric mean ``√(taylor · output error)`` per group (``--importance taylor_output``).
-
-    A group must both move the loss to first order and leave an output error the refit cannot absorb. Each factor
-    puts heads and channels of a layer on one scale, so their product does too. A KV head's output error is that
-    of all its query heads (removing it removes them); ``n_rep[j]`` = query heads per KV head in layer j.
-    """
-    out = GroupScores()
-    for j in range(len(taylor.mlp)):
-        eq = output.q_heads[j].to(taylor.q_heads[j].device, torch.float32)
-        out.q_heads.append((taylor.q_heads[j].float() * eq).sqrt())
-        out.kv_heads.append((taylor.kv_heads[j].float() * eq.view(-1, n_rep[j]).sum(1)).sqrt())
-        out.mlp.append((taylor.mlp[j].float() * output.mlp[j].to(taylor.mlp[j].device, torch.float32)).sqrt())
-    return out

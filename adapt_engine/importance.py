@@ -20,10 +20,8 @@ from .kernels import group_saliency
 from .lm_loss import causal_lm_loss
 
 SIMILARITIES = ("cosine", "euclidean", "manhattan")
-# "output": calibration output error of removing a group alone (compensation.output_error_scores);
-# "taylor_output": the geometric mean of that and taylor.
-IMPORTANCES = ("taylor", "magnitude", "random", "vectorize", "param_mix", "output", "taylor_output")
-OUTPUT_IMPORTANCES = ("output", "taylor_output")  # the ones that need the Gram statistics of o/down inputs
+# "output": calibration output error of removing a group alone (compensation.output_error_scores).
+IMPORTANCES = ("taylor", "magnitude", "random", "vectorize", "param_mix", "output")
 GRADIENT_IMPORTANCES = ("taylor", "vectorize", "param_mix")  # the ones scored from calibration gradients
 CALIB_DTYPES = ("float32", "bfloat16", "auto")
 

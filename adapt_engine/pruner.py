@@ -23,7 +23,6 @@ from .compensation import (
     COMPENSATE_TARGETS,
     COMPENSATIONS,
     InputStatistics,
-    blend_with_output_error,
     check_compensation,
     compensate_plan,
     output_error_scores,
@@ -34,7 +33,6 @@ from .importance import (
     CALIB_DTYPES,
     GRADIENT_IMPORTANCES,
     IMPORTANCES,
-    OUTPUT_IMPORTANCES,
     SIMILARITIES,
     calibration_pass,
     magnitude_scores,
@@ -65,8 +63,7 @@ class PruneSettings:
         "code does (default), or set it to S_cur - A*I_j (the paper's Eq. 6)")
     importance: str = setting("taylor", choices=IMPORTANCES,
                               help="group saliency (default taylor = |dL/dW * W|; output = calibration output error "
-                              "of removing the group alone, after the --compensate refit; taylor_output = the "
-                              "geometric mean of the two)")
+                              "of removing the group alone, after the --compensate refit)")
     similarity: str = setting("cosine", choices=SIMILARITIES,
                               help="layer importance from the similarity of each layer's input and output")
     attention: str = setting("query", choices=ATTENTION_MODES,
@@ -101,20 +98,20 @@ class PruneSettings:
     def validate(self) -> None:
         """Raise UsageError naming the flag for any out-of-range setting."""
         check_bounds(self)
-        if self.importance in OUTPUT_IMPORTANCES and self.compensate == "bias":
-            raise UsageError(f"--importance {self.importance} scores the output error left after --compensate none "
-                             "or lstsq; it has no form for --compensate bias: use --compensate lstsq or none with it")
+        if self.importance == "output" and self.compensate == "bias":
+            raise UsageError("--importance output scores the output error left after --compensate none or lstsq; "
+                             "it has no form for --compensate bias: use --compensate lstsq or none with it")
 
     @property
     def needs_calibration(self) -> bool:
         """Whether these settings read calibration data (gradient saliency or adaptive allocation)."""
-        return (self.importance in GRADIENT_IMPORTANCES or self.importance in OUTPUT_IMPORTANCES
+        return (self.importance in GRADIENT_IMPORTANCES or self.importance == "output"
                 or self.allocation == "adaptive" or self.compensate != "none")
 
     @property
     def needs_gram(self) -> bool:
         """Whether a sub-step gathers the Gram matrices of o_proj/down_proj inputs (lstsq refit or output saliency)."""
-        return self.compensate == "lstsq" or self.importance in OUTPUT_IMPORTANCES
+        return self.compensate == "lstsq" or self.importance == "output"
 
 
 class AdaptPruner:
@@ -164,30 +161,23 @@ class AdaptPruner:
                 stats: InputStatistics | None = None) -> tuple[torch.Tensor, GroupScores, float | None]:
         s = self.settings
         adaptive = s.allocation == "adaptive"
-        # taylor_output = taylor's gradient pass, blended with the output error below
-        metric = "taylor" if s.importance == "taylor_output" else s.importance
-        gradient = metric in GRADIENT_IMPORTANCES
+        gradient = s.importance in GRADIENT_IMPORTANCES
         raw, scores, loss = None, None, None
         observers = (stats,) if stats is not None else ()
         if adaptive or gradient or observers:
             raw, scores, loss = calibration_pass(
                 self.adapter, self.calib_ids, s.calib_batch_size,
-                s.similarity if adaptive else None, metric if gradient else None, progress,
+                s.similarity if adaptive else None, s.importance if gradient else None, progress,
                 calib_dtype=s.calib_dtype, micro_batch_size=s.calib_micro_batch, observers=observers,
             )
         if s.importance == "magnitude":
             scores = magnitude_scores(self.adapter)
         elif s.importance == "random":
             scores = random_scores(self.adapter, self.generator)
-        scores = self._reduce_across_ranks(scores) if scores is not None else None
-        if s.importance in OUTPUT_IMPORTANCES:
-            stats.reduce_across_ranks()  # summed statistics: every rank computes the same scores
-            error = output_error_scores(self.adapter, stats, s.compensate, s.compensate_damp)
-            if s.importance == "output":
-                scores = error
-            else:
-                n_rep = [sh.num_heads // sh.num_kv_heads for sh in self.adapter.shapes()]
-                scores = blend_with_output_error(scores, error, n_rep)
+        elif s.importance == "output":
+            stats.reduce_across_ranks()  # every rank then computes the same scores
+            scores = output_error_scores(self.adapter, stats, s.compensate, s.compensate_damp)
+        scores = self._reduce_across_ranks(scores)
         n = len(self.adapter.layers)
         if raw is None:
             raw = torch.zeros(n, dtype=torch.float64)

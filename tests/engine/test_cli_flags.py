@@ -19,8 +19,7 @@ FIXTURE = Path(__file__).parent / "data" / "cli_flags.json"
 CALIB = {"--calib-micro-batch", "--calib-dtype", "--importance-scale"}
 QUALITY = {"--compensate", "--compensate-damp", "--compensate-targets", "--calib-resample"}
 # Choices appended since: issue 18's output-error saliency.
-ADDED_CHOICES = {("prune", "--importance"): ["output", "taylor_output"],
-                 ("accel", "--importance"): ["output", "taylor_output"]}
+ADDED_CHOICES = {("prune", "--importance"): ["output"], ("accel", "--importance"): ["output"]}
 ADDED = {"prune": CALIB | QUALITY, "eval": set(), "bench": {"--engine", "--concurrency"},
          "accel": {"--no-bench"} | CALIB}
 
