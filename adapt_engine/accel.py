@@ -96,8 +96,7 @@ class AccelConfig(CommandSettings):
     # Weight compensation and per-sub-step resampling were measured for `prune` only (docs/quality.md): accel
     # recovers by training, and a compensated cut broke the DDP = single-process equality test.
     prune: PruneSettings = nested(lambda: PruneSettings(compensate="none"),
-                                  exclude=("steps", "compensate", "compensate_damp", "compensate_targets",
-                                           "calib_resample"))
+                                  exclude=("steps", "compensate", "compensate_damp", "calib_resample"))
     prune_steps: int | None = setting(None, minimum=1,
                                       help="Algorithm-1 sub-steps per phase (default ceil(50 / interleaves))")
     saliency: str = setting("calib", choices=SALIENCY_SOURCES,

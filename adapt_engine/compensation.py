@@ -32,11 +32,9 @@ from torch import nn
 
 from .adapters import DecoderAdapter
 from .errors import UsageError
-from .groups import GroupScores, LayerKeep, head_rows
+from .groups import LayerKeep, head_rows
 
 COMPENSATIONS = ("none", "bias", "lstsq")
-# Which consumers are refit: both, only down_proj (MLP cuts), or only o_proj (query-head cuts).
-COMPENSATE_TARGETS = ("both", "mlp", "attention")
 
 
 def check_compensation(adapter: DecoderAdapter, method: str, damp: float) -> None:
@@ -71,7 +69,6 @@ class InputStatistics:
         self.attn: list[torch.Tensor | None] = [None] * n
         self.tokens = 0
         self._handles: list = []
-        self._reduced = False
 
     def _hook(self, store: list, index: int, count: bool):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -92,13 +89,7 @@ class InputStatistics:
         return hook
 
     def reduce_across_ranks(self) -> None:
-        """Sum the statistics over torchrun ranks (each saw its own calibration shard), so all ranks refit alike.
-
-        Idempotent: the saliency (``--importance output``) and the refit may both ask for the summed statistics.
-        """
-        if self._reduced:
-            return
-        self._reduced = True
+        """Sum the statistics over torchrun ranks (each saw its own calibration shard), so all ranks refit alike."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
         for store in (self.mlp, self.attn):
@@ -165,69 +156,14 @@ def _compensate_linear(lin: nn.Linear, keep: torch.Tensor, stat: torch.Tensor, t
         lin.bias.add_((lin.weight[:, removed].double() @ mean).to(lin.bias.dtype))
 
 
-def compensate_plan(adapter: DecoderAdapter, plan: list[LayerKeep], stats: InputStatistics, damp: float,
-                    targets: str = "both") -> None:
-    """Apply the compensation of every cut in ``plan`` to o_proj and/or down_proj (call before ``apply_plan``)."""
-    if targets not in COMPENSATE_TARGETS:
-        raise ValueError(f"compensation targets must be one of {', '.join(COMPENSATE_TARGETS)}, got '{targets}'")
+def compensate_plan(adapter: DecoderAdapter, plan: list[LayerKeep], stats: InputStatistics, damp: float) -> None:
+    """Apply the compensation of every cut in ``plan`` to o_proj and down_proj (call before ``apply_plan``)."""
     d = adapter.head_dim
     for j, keep in enumerate(plan):
         layer = adapter.layers[j]
         _, _, _, o = adapter.attention_projections(layer)
         _, _, down = adapter.mlp_projections(layer)
-        if targets != "mlp" and keep.q_heads is not None and stats.attn[j] is not None:
+        if keep.q_heads is not None and stats.attn[j] is not None:
             _compensate_linear(o, head_rows(keep.q_heads, d), stats.attn[j], stats.tokens, stats.method, damp)
-        if targets != "attention" and keep.mlp is not None and stats.mlp[j] is not None:
+        if keep.mlp is not None and stats.mlp[j] is not None:
             _compensate_linear(down, keep.mlp, stats.mlp[j], stats.tokens, stats.method, damp)
-
-
-def _damped_inverse(gram: torch.Tensor, damp: float) -> torch.Tensor:
-    """``(G + λI)⁻¹`` with ``λ = damp · mean(diag G)`` in float64 (pseudo-inverse if singular)."""
-    h = gram.to(torch.float64).clone()
-    h.diagonal().add_(damp * float(h.diagonal().mean()))
-    chol, info = torch.linalg.cholesky_ex(h)
-    if int(info) == 0:
-        return torch.cholesky_inverse(chol)
-    return torch.linalg.pinv(h, hermitian=True)
-
-
-def _block_errors(weight: torch.Tensor, gram: torch.Tensor, block: int, compensated: bool, damp: float) -> torch.Tensor:
-    """Calibration output error ‖X_B W_Bᵀ‖² left by removing each block of ``block`` input columns alone.
-
-    Plain removal: ``tr(W_B G_BB W_Bᵀ)``. With the ridge refit of the other columns (optimal brain surgeon
-    for a block, H = G + λI): ``tr(W_B [(H⁻¹)_BB]⁻¹ W_Bᵀ)``, the part the kept columns cannot take over.
-    """
-    w = weight.detach().to(torch.float64)
-    out, n = w.shape
-    nb = n // block
-    wb = w.T.reshape(nb, block, out)  # [blocks, block, out]
-    m = _damped_inverse(gram, damp) if compensated else gram.to(torch.float64)
-    idx = torch.arange(n, device=m.device).view(nb, block)
-    mb = m[idx.unsqueeze(-1), idx.unsqueeze(-2)]  # diagonal blocks [blocks, block, block]
-    if compensated:
-        mb = torch.linalg.inv(mb) if block > 1 else 1.0 / mb
-    # tr(W_B M W_Bᵀ) = Σ_{a,b} M_ab (w_a · w_b), with w_a the a-th input column's output weights.
-    return torch.einsum("kab,kao,kbo->k", mb, wb, wb).clamp_min(0.0)
-
-
-def output_error_scores(adapter: DecoderAdapter, stats: InputStatistics, compensate: str,
-                        damp: float) -> GroupScores:
-    """Group saliency = calibration output error of removing each query head / MLP channel alone.
-
-    Activation-aware (the Gram diagonal blocks weigh the consumer's columns, like Wanda's |W|·‖X‖) and, under
-    ``--compensate lstsq``, compensation-aware: it scores what the refit cannot recover. K/V heads score 0 on
-    their own (their cost is carried by their query heads' o_proj columns).
-    """
-    if stats.method != "lstsq":
-        raise ValueError("output-error saliency needs the Gram statistics (InputStatistics(..., 'lstsq'))")
-    compensated = compensate == "lstsq"
-    scores = GroupScores.zeros(adapter)
-    d = adapter.head_dim
-    for j, layer in enumerate(adapter.layers):
-        _, _, _, o = adapter.attention_projections(layer)
-        _, _, down = adapter.mlp_projections(layer)
-        if stats.attn[j] is None or stats.mlp[j] is None:
-            raise RuntimeError("output-error saliency has no statistics: run the calibration pass with them attached")
-        scores.q_heads[j].copy_(_block_errors(o.weight, stats.attn[j], d, compensated, damp).float().cpu())
-        scores.mlp[j].copy_(_block_errors(down.weight, stats.mlp[j], 1, compensated, damp).float().cpu())
-    return scores

@@ -20,8 +20,7 @@ from .kernels import group_saliency
 from .lm_loss import causal_lm_loss
 
 SIMILARITIES = ("cosine", "euclidean", "manhattan")
-# "output": calibration output error of removing a group alone (compensation.output_error_scores).
-IMPORTANCES = ("taylor", "magnitude", "random", "vectorize", "param_mix", "output")
+IMPORTANCES = ("taylor", "magnitude", "random", "vectorize", "param_mix")
 GRADIENT_IMPORTANCES = ("taylor", "vectorize", "param_mix")  # the ones scored from calibration gradients
 CALIB_DTYPES = ("float32", "bfloat16", "auto")
 

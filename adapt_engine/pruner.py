@@ -19,14 +19,7 @@ from .allocation import (
     plan_budgets,
     step_targets,
 )
-from .compensation import (
-    COMPENSATE_TARGETS,
-    COMPENSATIONS,
-    InputStatistics,
-    check_compensation,
-    compensate_plan,
-    output_error_scores,
-)
+from .compensation import COMPENSATIONS, InputStatistics, check_compensation, compensate_plan
 from .errors import UsageError
 from .groups import ATTENTION_MODES, GroupScores, LayerKeep, choose_attention_keep, choose_mlp_keep
 from .importance import (
@@ -61,9 +54,7 @@ class PruneSettings:
         "incremental", choices=LAYER_UPDATES,
         help="per-layer sparsity at each sub-step: move it by the step's increment minus A*I_j, as the authors' "
         "code does (default), or set it to S_cur - A*I_j (the paper's Eq. 6)")
-    importance: str = setting("taylor", choices=IMPORTANCES,
-                              help="group saliency (default taylor = |dL/dW * W|; output = calibration output error "
-                              "of removing the group alone, after the --compensate refit)")
+    importance: str = setting("taylor", choices=IMPORTANCES, help="group saliency (default taylor = |dL/dW * W|)")
     similarity: str = setting("cosine", choices=SIMILARITIES,
                               help="layer importance from the similarity of each layer's input and output")
     attention: str = setting("query", choices=ATTENTION_MODES,
@@ -87,9 +78,6 @@ class PruneSettings:
                               "models with o/down biases only), or plain removal (none)")
     compensate_damp: float = setting(0.01, minimum=0.0,
                                      help="ridge of --compensate lstsq, relative to the mean Gram diagonal")
-    compensate_targets: str = setting("both", choices=COMPENSATE_TARGETS,
-                                      help="which consumers --compensate refits: o_proj and down_proj (both), "
-                                      "down_proj only (mlp) or o_proj only (attention)")
     calib_resample: bool = setting(False, help="draw fresh calibration windows every sub-step (seed + sub-step)")
     importance_scale: str = setting("max", choices=IMPORTANCE_SCALES,
                                     help="layer-importance normalisation: divide by max |I| (paper), robust "
@@ -98,20 +86,11 @@ class PruneSettings:
     def validate(self) -> None:
         """Raise UsageError naming the flag for any out-of-range setting."""
         check_bounds(self)
-        if self.importance == "output" and self.compensate == "bias":
-            raise UsageError("--importance output scores the output error left after --compensate none or lstsq; "
-                             "it has no form for --compensate bias: use --compensate lstsq or none with it")
 
     @property
     def needs_calibration(self) -> bool:
         """Whether these settings read calibration data (gradient saliency or adaptive allocation)."""
-        return (self.importance in GRADIENT_IMPORTANCES or self.importance == "output"
-                or self.allocation == "adaptive" or self.compensate != "none")
-
-    @property
-    def needs_gram(self) -> bool:
-        """Whether a sub-step gathers the Gram matrices of o_proj/down_proj inputs (lstsq refit or output saliency)."""
-        return self.compensate == "lstsq" or self.importance == "output"
+        return self.importance in GRADIENT_IMPORTANCES or self.allocation == "adaptive" or self.compensate != "none"
 
 
 class AdaptPruner:
@@ -158,12 +137,11 @@ class AdaptPruner:
         return total
 
     def _scores(self, progress: Callable[[int], None] | None,
-                stats: InputStatistics | None = None) -> tuple[torch.Tensor, GroupScores, float | None]:
+                observers: tuple = ()) -> tuple[torch.Tensor, GroupScores, float | None]:
         s = self.settings
         adaptive = s.allocation == "adaptive"
         gradient = s.importance in GRADIENT_IMPORTANCES
         raw, scores, loss = None, None, None
-        observers = (stats,) if stats is not None else ()
         if adaptive or gradient or observers:
             raw, scores, loss = calibration_pass(
                 self.adapter, self.calib_ids, s.calib_batch_size,
@@ -174,9 +152,6 @@ class AdaptPruner:
             scores = magnitude_scores(self.adapter)
         elif s.importance == "random":
             scores = random_scores(self.adapter, self.generator)
-        elif s.importance == "output":
-            stats.reduce_across_ranks()  # every rank then computes the same scores
-            scores = output_error_scores(self.adapter, stats, s.compensate, s.compensate_damp)
         scores = self._reduce_across_ranks(scores)
         n = len(self.adapter.layers)
         if raw is None:
@@ -198,11 +173,7 @@ class AdaptPruner:
         s = self.settings
         if s.calib_resample and self.history:
             self.calib_ids = self.calib_sampler(len(self.history))
-        stats = None
-        if s.needs_gram:
-            stats = InputStatistics(self.adapter, "lstsq")
-        elif s.compensate != "none":
-            stats = InputStatistics(self.adapter, s.compensate)
+        stats = InputStatistics(self.adapter, s.compensate) if s.compensate != "none" else None
         observers = (stats,) if stats is not None else ()
         if group_scores is not None and (s.allocation == "adaptive" or observers):
             raw, _, loss = calibration_pass(self.adapter, self.calib_ids, s.calib_batch_size,
@@ -215,7 +186,7 @@ class AdaptPruner:
         elif group_scores is not None:
             raw, scores, loss = torch.zeros(len(self.adapter.layers), dtype=torch.float64), group_scores, None
         else:
-            raw, scores, loss = self._scores(progress, stats)
+            raw, scores, loss = self._scores(progress, observers)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             raw = raw.to(next(self.model.parameters()).device, torch.float64)
             torch.distributed.all_reduce(raw)
@@ -252,9 +223,9 @@ class AdaptPruner:
             if new.intermediate_size < cur.intermediate_size:
                 keep.mlp = choose_mlp_keep(scores.mlp[j], new.intermediate_size)
             plan.append(keep)
-        if stats is not None and s.compensate != "none":
+        if stats is not None:
             stats.reduce_across_ranks()
-            compensate_plan(self.adapter, plan, stats, s.compensate_damp, s.compensate_targets)
+            compensate_plan(self.adapter, plan, stats, s.compensate_damp)
         apply_plan(self.adapter, plan, optimizer)
         record = {
             "target_params": int(target_params),
