@@ -194,7 +194,7 @@ class PruneSettings:
                               help="after each cut, refit the kept columns of o_proj/down_proj by ridge least squares "
                               "on the calibration activations (lstsq, default), FLAP-style bias compensation (bias: "
                               "models with o/down biases only), or plain removal (none)")
-    compensate_damp: float = setting(0.01, minimum=0.0,
+    compensate_damp: float = setting(1.0, minimum=0.0,
                                      help="ridge of --compensate lstsq, relative to the mean Gram diagonal")
     calib_resample: bool = setting(False, help="draw fresh calibration windows every sub-step (seed + sub-step)")
     importance_scale: str = setting("max", choices=IMPORTANCE_SCALES,

@@ -35,7 +35,7 @@ def test_refit_with_nothing_removed_returns_the_same_weights(damp):
     assert torch.equal(out, w)
 
 
-@pytest.mark.parametrize("damp", [0.0, 0.001, 0.01, 0.1, 10.0])
+@pytest.mark.parametrize("damp", [0.0, 0.001, 0.01, 0.1, 1.0, 10.0])
 @pytest.mark.parametrize("seed", range(4))
 def test_refit_output_error_never_above_plain_removal(damp, seed):
     x = _correlated_inputs(seed=seed)
