@@ -63,13 +63,18 @@ def test_generate_with_kv_cache_after_pruning():
     assert out.shape == (1, 8)
 
 
-def test_optimizer_state_and_grad_follow_the_weights():
+def _trained_one_step():
+    """A tiny Qwen2, its adapter, an AdamW that has taken one step (moments and grads populated), its batch."""
     model = make_tiny_model("qwen2", True)
-    adapter = DecoderAdapter(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, 320, (2, 9))
     model(input_ids=x, labels=x).loss.backward()
     opt.step()
+    return model, DecoderAdapter(model), opt, x
+
+
+def test_optimizer_state_and_grad_follow_the_weights():
+    model, adapter, opt, x = _trained_one_step()
     gate = adapter.layers[0].mlp.gate_proj.weight
     keep = torch.tensor([1, 4, 5, 30, 79])
     expected_avg = opt.state[gate]["exp_avg"][keep].clone()
@@ -139,12 +144,7 @@ def test_kv_merge_weights(how):
 
 
 def test_optimizer_state_follows_merged_and_removed_attention():
-    model = make_tiny_model("qwen2", True)
-    adapter = DecoderAdapter(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randint(0, 320, (2, 9))
-    model(input_ids=x, labels=x).loss.backward()
-    opt.step()
+    model, adapter, opt, x = _trained_one_step()
     k = adapter.layers[0].self_attn.k_proj.weight
     q1 = adapter.layers[1].self_attn.q_proj.weight
     plan = _merge_plan(adapter, "mean")
