@@ -58,12 +58,14 @@ def run_prune(model: Path, offload: str, dtype: str, extra: list[str]) -> dict:
     return json.loads(lines[-1][len("BENCH "):])
 
 
-def measure(models: list[Path], dtype: str, inmemory_max_gb: float, extra: list[str]) -> list[dict]:
-    """Rows of (model, offload, figures); the in-memory run where the weights fit ``inmemory_max_gb``."""
+def measure(models: list[Path], dtype: str, inmemory_max_gb: float, extra: list[str], rounds: int = 1,
+            order: tuple[str, ...] = ("layer", "none")) -> list[dict]:
+    """Rows of (model, offload, figures), ``rounds`` times in ``order``; the in-memory run where the weights fit
+    ``inmemory_max_gb``. Later rounds find the weights in the page cache, as the second run of a round does."""
     rows = []
-    for model in models:
+    for model, _ in [(m, r) for m in models for r in range(rounds)]:
         size = weight_bytes(model, dtype)
-        for offload in ("layer", "none"):
+        for offload in order:
             if offload == "none" and size > inmemory_max_gb * 2**30:
                 rows.append({"model": model.name, "offload": offload, "skipped": f"{size / 2**30:.1f} GB of weights"})
                 continue
@@ -78,7 +80,7 @@ def table(rows: list[dict]) -> str:
     """Markdown table with the layer/none ratios where both ran."""
     out = ["| model | weights GB | offload | wall s | peak RSS MB | read GB | wall × in-memory |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
-    inmem = {r["model"]: r for r in rows if r["offload"] == "none" and "wall_s" in r}
+    inmem = {r["model"]: r for r in rows if r["offload"] == "none" and "wall_s" in r}  # the last round's
     for r in rows:
         if "skipped" in r:
             out.append(f"| {r['model']} | | none | skipped ({r['skipped']}) | | | |")
@@ -108,10 +110,13 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", required=True, type=Path)
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--inmemory-max-gb", type=float, default=8.0)
+    parser.add_argument("--rounds", type=int, default=1, help="measure each model this many times")
+    parser.add_argument("--first", choices=("layer", "none"), default="layer", help="which mode runs first in a round")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("extra", nargs="*", help="more prune flags after --, e.g. -- --compensate none")
     args = parser.parse_args()
-    rows = measure(args.models, args.dtype, args.inmemory_max_gb, args.extra)
+    order = ("layer", "none") if args.first == "layer" else ("none", "layer")
+    rows = measure(args.models, args.dtype, args.inmemory_max_gb, args.extra, args.rounds, order)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
