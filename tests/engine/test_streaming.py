@@ -198,3 +198,17 @@ def test_safetensors_written_from_memory_round_trip(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(data[:-8])
     with pytest.raises(StreamingError, match="corrupt or truncated"):
         ShardStore(tmp_path).read(list(tensors), torch.float32)
+
+
+def test_offload_auto_streams_only_folders_that_would_crowd_memory(tmp_path, monkeypatch):
+    import adapt_engine.streaming as streaming
+
+    _, folder = _saved(tmp_path)
+    assert streaming.resolve_offload("layer", None, "float32") == "layer"
+    assert streaming.resolve_offload("none", str(folder), "float32") == "none"
+    assert streaming.resolve_offload("auto", None, "float32") == "none"  # the built-in GGUF loads whole
+    assert streaming.resolve_offload("auto", str(tmp_path / "missing"), "float32") == "none"
+    monkeypatch.setattr(streaming, "available_memory_bytes", lambda: 1 << 40)
+    assert streaming.resolve_offload("auto", str(folder), "float32") == "none"
+    monkeypatch.setattr(streaming, "available_memory_bytes", lambda: 1024)
+    assert streaming.resolve_offload("auto", str(folder), "float32") == "layer"
