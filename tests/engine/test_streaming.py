@@ -212,3 +212,14 @@ def test_offload_auto_streams_only_folders_that_would_crowd_memory(tmp_path, mon
     assert streaming.resolve_offload("auto", str(folder), "float32") == "none"
     monkeypatch.setattr(streaming, "available_memory_bytes", lambda: 1024)
     assert streaming.resolve_offload("auto", str(folder), "float32") == "layer"
+
+
+def test_streamed_pass_under_bf16_autocast_equals_in_memory(tmp_path):
+    model, folder = _saved(tmp_path)
+    ids = _calib()
+    opts = CalibPass(4, "cosine", "taylor", calib_dtype="bfloat16", micro_batch_size=2)
+    raw, scores, loss = calibration_pass(DecoderAdapter(model), ids, **vars(opts))
+    raw2, scores2, loss2 = streamed_calibration_pass(open_streamed(folder, torch.float32), ids, opts)
+    assert loss2 == loss and torch.equal(raw2, raw)
+    for a, b in zip(scores.all_tensors(), scores2.all_tensors(), strict=True):
+        assert torch.equal(a, b)
