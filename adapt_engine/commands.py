@@ -16,13 +16,13 @@ from tqdm.auto import tqdm
 from .adapters import DecoderAdapter, count_params
 from .args import EvalSettings, PruneRunSettings
 from .data import load_text, sample_windows, tokenize_text
+from .devices import resolve_device
 from .dtypes import parse_dtype
 from .evaluate import perplexity
-from .models import is_pruned_dir, load_model
+from .models import folder_tokenizer, load_model
 from .options import check_output
 from .pruner import AdaptPruner
 from .report import RunReport, finish_run, peak_memory_mb
-from .saving import load_pruned_tokenizer
 from .streaming import StreamedModel, StreamingError, open_streamed, resolve_offload, streamed_perplexity
 
 
@@ -50,17 +50,14 @@ def _load_for_pruning(cfg: PruneRunSettings, offload: str):
     if offload == "none":
         model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
         return model, tokenizer, None
-    if cfg.device != "cpu":
+    if resolve_device(cfg.device).type != "cpu":
         raise StreamingError("--offload layer runs on the CPU here; use --device cpu (or --offload none)")
-    folder = Path(cfg.model).expanduser() if cfg.model else None
-    if folder is None or not folder.is_dir():
+    if cfg.model is None:
         raise StreamingError("--offload layer reads a model folder with safetensors shards; pass --model DIR "
-                             "(the built-in default and .gguf files load whole: use --offload none)")
-    from transformers import AutoTokenizer
-
-    streamed = open_streamed(folder, parse_dtype(cfg.dtype))
-    tokenizer = load_pruned_tokenizer(folder) if is_pruned_dir(folder) else AutoTokenizer.from_pretrained(str(folder))
-    return streamed.model, tokenizer, streamed
+                             "(the built-in default is a .gguf file and loads whole: use --offload none)")
+    folder = Path(cfg.model).expanduser()
+    streamed = open_streamed(folder, parse_dtype(cfg.dtype))  # refuses anything but a folder, naming it
+    return streamed.model, folder_tokenizer(folder), streamed
 
 
 def _prune_with_progress(pruner: AdaptPruner, target: int, steps: int, calib: torch.Tensor | None) -> None:

@@ -55,6 +55,14 @@ def check_compensation(adapter: DecoderAdapter, method: str, damp: float) -> Non
             )
 
 
+def statistics_bytes(adapter: DecoderAdapter, method: str) -> int:
+    """Memory of every layer's statistics of ``method`` together (lstsq: float64 Gram matrices of the down_proj
+    and o_proj inputs; bias: per-input sums)."""
+    d = adapter.head_dim
+    per_input = (lambda n: 8 * n * n) if method == "lstsq" else (lambda n: 8 * n)
+    return sum(per_input(s.intermediate_size) + per_input(s.num_heads * d) for s in adapter.shapes())
+
+
 class InputStatistics:
     """Per layer, ``XᵀX`` (for ``lstsq``) or ``ΣX`` (for ``bias``) of the inputs of down_proj and o_proj."""
 

@@ -9,7 +9,7 @@ scores the moment it exists and free it, so the model's full gradient is never h
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +51,8 @@ def _hidden_in(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _hidden_out(output) -> torch.Tensor:
+def hidden_out(output) -> torch.Tensor:
+    """The hidden states a decoder layer returned (a tensor, or the first item of a tuple in some releases)."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -72,7 +73,7 @@ class LayerSimilarity:
         def hook(module, args, kwargs, output):
             with torch.no_grad():
                 x = _hidden_in(args, kwargs).detach().float()
-                y = _hidden_out(output).detach().float()
+                y = hidden_out(output).detach().float()
                 if self.similarity == "cosine":
                     val = torch.nn.functional.cosine_similarity(x, y, dim=-1)
                 elif self.similarity == "euclidean":
@@ -201,6 +202,21 @@ def random_scores(adapter: DecoderAdapter, generator: torch.Generator) -> GroupS
     return scores
 
 
+def calib_autocast(calib_dtype: str, device: torch.device | str, weight_dtype: torch.dtype
+                   ) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the calibration pass's autocast context (bf16 only over float32 weights)."""
+    amp_dtype = resolve_calib_dtype(calib_dtype, device)
+    enabled = amp_dtype != torch.float32 and weight_dtype == torch.float32
+    return lambda: torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=enabled)
+
+
+def calibration_batches(calib_ids: torch.Tensor, batch_size: int,
+                        micro_batch_size: int | None) -> list[list[torch.Tensor]]:
+    """The calibration windows as batches (one scored gradient each) of micro-batches (one forward each)."""
+    micro = min(batch_size, micro_batch_size or batch_size)
+    return [list(batch.split(micro)) for batch in calib_ids.split(batch_size)]
+
+
 @dataclass(frozen=True)
 class CalibPass:
     """What a calibration pass measures and how it batches: the keywords of :func:`calibration_pass` that its
@@ -241,8 +257,7 @@ def calibration_pass(
     """
     model = adapter.model
     device = next(model.parameters()).device
-    amp_dtype = resolve_calib_dtype(calib_dtype, device)
-    use_amp = amp_dtype != torch.float32 and next(model.parameters()).dtype == torch.float32
+    autocast = calib_autocast(calib_dtype, device, next(model.parameters()).dtype)
     sim = LayerSimilarity(adapter, similarity) if similarity else None
     collector = SaliencyCollector(adapter, saliency_metric) if saliency_metric else None
     was_training = model.training
@@ -257,18 +272,16 @@ def calibration_pass(
             stack.enter_context(observer.attached())
         if collector is None:
             stack.enter_context(torch.no_grad())
-        micro = min(batch_size, micro_batch_size or batch_size)
-        for start in range(0, calib_ids.shape[0], batch_size):
-            batch = calib_ids[start:start + batch_size]
-            rows = batch.shape[0]
+        for batch in calibration_batches(calib_ids, batch_size, micro_batch_size):
+            rows = sum(ids.shape[0] for ids in batch)
             batch_loss = 0.0
-            for m0 in range(0, rows, micro):
-                ids = batch[m0:m0 + micro].to(device)
+            for k, ids in enumerate(batch):
+                ids = ids.to(device)
                 weight = ids.shape[0] / rows  # equal-length rows: the batch mean is the weighted sum
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                with autocast():
                     loss = causal_lm_loss(model, ids)
                 if collector is not None:
-                    collector.accumulating = m0 + micro < rows
+                    collector.accumulating = k < len(batch) - 1
                     (loss * weight if weight != 1.0 else loss).backward()
                 batch_loss += float(loss.detach()) * weight
             if collector is not None:

@@ -117,14 +117,14 @@ def check_layer_count(cfg: dict, weights: WeightsSummary, where: str, error: typ
     return n
 
 
-def check_model_folder(folder: Path) -> WeightsSummary | None:
+def check_model_folder(folder: Path, need_tokenizer: bool = True) -> WeightsSummary | None:
     """Check a plain transformers model folder before loading it; the safetensors summary if it has one."""
     cfg = read_config(folder)
     st = sorted(folder.glob("*.safetensors"))
     bins = sorted(folder.glob("pytorch_model*.bin"))
     if not st and not bins:
         raise ModelLoadError(f"'{folder}' has a config.json but no weights (*.safetensors or pytorch_model.bin)")
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if need_tokenizer and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ModelLoadError(f"'{folder}' has no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy the "
                              f"tokenizer of the model into it")
     if st:

@@ -128,22 +128,40 @@ def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.
 
 def _load_folder(folder: Path, torch_dtype: torch.dtype):
     """(tokenizer, model) of a transformers model folder, checked file by file before the model is built."""
-    from huggingface_hub.errors import StrictDataclassError
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    summary = check_model_folder(folder)
+    config = folder_config(folder)
+    tok = folder_tokenizer(folder)
+    return tok, AutoModelForCausalLM.from_pretrained(str(folder), config=config, dtype=torch_dtype)
+
+
+def folder_config(folder: Path, need_tokenizer: bool = True):
+    """The config of a transformers model folder, with its weight files (and tokenizer files, unless not needed)
+    and their shapes checked against it (clear errors, nothing built but a meta skeleton)."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    summary = check_model_folder(folder, need_tokenizer)
     try:
         config = AutoConfig.from_pretrained(str(folder))
     except (ValueError, TypeError, StrictDataclassError) as err:  # unknown model_type, bad field values
         raise ModelLoadError(f"{folder}/config.json is not a config transformers can build: {err}") from err
     if summary is not None:
         _check_shapes(folder, config, summary.shapes)
+    return config
+
+
+def folder_tokenizer(folder: Path):
+    """The tokenizer of a model folder (a pruned output's without running its remote code), or a clear error."""
+    from transformers import AutoTokenizer
+
+    if is_pruned_dir(folder):
+        return load_pruned_tokenizer(folder)
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder))
+        return AutoTokenizer.from_pretrained(str(folder))
     except (ValueError, OSError) as err:  # a damaged tokenizer.json arrives as a JSONDecodeError
         raise ModelLoadError(f"the tokenizer files in {folder} cannot be read ({err}); copy the model's tokenizer "
                              f"files again") from err
-    return tok, AutoModelForCausalLM.from_pretrained(str(folder), config=config, dtype=torch_dtype)
 
 
 def _check_shapes(folder: Path, config, shapes: dict[str, tuple[int, ...]]) -> None:

@@ -20,7 +20,7 @@ from .allocation import (
 )
 from .args import GRADIENT_IMPORTANCES, PruneSettings
 from .attention_ladder import attention_params, rung_costs, rungs
-from .compensation import InputStatistics, check_compensation, compensate_layer, compensate_plan
+from .compensation import InputStatistics, check_compensation, compensate_layer, compensate_plan, statistics_bytes
 from .errors import UsageError
 from .groups import GroupScores, LayerKeep, attention_keep, choose_mlp_keep
 from .importance import (
@@ -122,10 +122,7 @@ class AdaptPruner:
     def _statistics_fit(self) -> bool:
         """Whether every layer's compensation statistics together take under a quarter of the available memory
         (then a streamed prune gathers them in its forward sweep instead of replaying each layer's forward)."""
-        if self.settings.compensate != "lstsq":
-            return True
-        d = self.adapter.head_dim
-        need = sum(8 * (s.intermediate_size ** 2 + (s.num_heads * d) ** 2) for s in self.adapter.shapes())
+        need = statistics_bytes(self.adapter, self.settings.compensate)
         free = available_memory_bytes()
         return free is not None and need < free / 4
 

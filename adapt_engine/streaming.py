@@ -39,7 +39,14 @@ from torch import nn
 from .adapters import DecoderAdapter
 from .errors import AdaptEngineError
 from .fsio import atomic_write_json
-from .importance import CalibPass, LayerSimilarity, SaliencyCollector, _hidden_out, resolve_calib_dtype
+from .importance import (
+    CalibPass,
+    LayerSimilarity,
+    SaliencyCollector,
+    calib_autocast,
+    calibration_batches,
+    hidden_out,
+)
 from .lm_loss import causal_lm_loss
 
 LAYER_PREFIX = "model.layers."
@@ -144,11 +151,6 @@ def _replace_with_placeholders(model: nn.Module, dtype: torch.dtype) -> None:
             module._parameters[name] = new[id(p)]
 
 
-def _param_names(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Parameter name (as stored in the shards; a tied parameter under its first name) → parameter."""
-    return dict(model.named_parameters())
-
-
 def build_skeleton(config, model_cls, dtype: torch.dtype) -> nn.Module:
     """The causal LM of ``config`` with every weight a placeholder and every buffer real."""
     from accelerate import init_empty_weights
@@ -209,15 +211,16 @@ def open_streamed(folder: str | Path, dtype: torch.dtype) -> StreamedModel:
     if not folder.is_dir():
         raise StreamingError(f"streaming reads a model folder with safetensors shards; '{folder}' is not a folder "
                              f"(a .gguf file or hub id loads whole: use --offload none)")
+    store = ShardStore(folder)  # first: a folder without safetensors is refused for what streaming needs
     if is_pruned_dir(folder):
         from .saving import pruned_config
 
         model_cls, config = pruned_config(folder)
     else:
-        from transformers import AutoConfig
+        from .models import folder_config
 
-        model_cls, config = None, AutoConfig.from_pretrained(str(folder))
-    return StreamedModel(build_skeleton(config, model_cls, dtype), ShardStore(folder), dtype)
+        model_cls, config = None, folder_config(folder, need_tokenizer=False)  # the caller loads the tokenizer
+    return StreamedModel(build_skeleton(config, model_cls, dtype), store, dtype)
 
 
 class StreamedModel:
@@ -228,11 +231,10 @@ class StreamedModel:
         self.store = store
         self.dtype = dtype
         self.adapter = DecoderAdapter(model)
-        names = _param_names(model)
         self.layer_params: list[dict[str, nn.Parameter]] = [{} for _ in self.adapter.layers]
         self.end_params: dict[str, nn.Parameter] = {}
         self.kept: tuple | None = None  # calibration inputs of every layer, for replay()
-        for name, p in names.items():
+        for name, p in model.named_parameters():  # a tied parameter once, under the name the shards use
             if name.startswith(LAYER_PREFIX):
                 index = int(name[len(LAYER_PREFIX):].split(".", 1)[0])
                 self.layer_params[index][name] = p
@@ -371,7 +373,7 @@ def _forward_sweep(streamed: StreamedModel, hidden: list[torch.Tensor], calls: l
         if keep_inputs:
             inputs.append(hidden)
         with streamed.resident(j) as layer, autocast():
-            hidden = [_hidden_out(layer(x, **calls[m][j])) for m, x in enumerate(hidden)]
+            hidden = [hidden_out(layer(x, **calls[m][j])) for m, x in enumerate(hidden)]
     return hidden, inputs
 
 
@@ -390,91 +392,77 @@ def streamed_nll(streamed: StreamedModel, batches: list[torch.Tensor]) -> float:
         return sum(float(_head_loss(streamed.model, ids, h, "sum")) for ids, h in zip(batches, hidden))
 
 
-def _micro_batches(calib_ids: torch.Tensor, batch_size: int, micro: int) -> list[list[tuple[int, torch.Tensor]]]:
-    """Calibration batches, each a list of (row count of its batch, micro-batch ids)."""
-    out = []
-    for start in range(0, calib_ids.shape[0], batch_size):
-        batch = calib_ids[start:start + batch_size]
-        out.append([(batch.shape[0], batch[m:m + micro]) for m in range(0, batch.shape[0], micro)])
-    return out
-
-
 def streamed_calibration_pass(streamed: StreamedModel, calib_ids: torch.Tensor, opts: CalibPass, progress=None,
                               observers: tuple = (), keep_inputs: bool = False,
                               ) -> tuple[torch.Tensor | None, object, float]:
     """:func:`importance.calibration_pass` with one decoder layer resident at a time (same results: raw layer
     importances, group saliency, mean loss). ``keep_inputs`` keeps every layer's calibration inputs on
     ``streamed`` for :meth:`StreamedModel.replay` (until ``forget_inputs``)."""
-    batch_size, similarity, saliency_metric = opts.batch_size, opts.similarity, opts.saliency_metric
-    calib_dtype, micro_batch_size = opts.calib_dtype, opts.micro_batch_size
     model, adapter = streamed.model, streamed.adapter
-    device = torch.device("cpu")
-    amp_dtype = resolve_calib_dtype(calib_dtype, device)
-    use_amp = amp_dtype != torch.float32 and streamed.dtype == torch.float32
-    batches = _micro_batches(calib_ids, batch_size, min(batch_size, micro_batch_size or batch_size))
-    micros = [(rows, ids) for batch in batches for rows, ids in batch]
-    sim = LayerSimilarity(adapter, similarity) if similarity else None
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp)
-
-    hidden, calls = _capture_all(model, [ids for _, ids in micros])
+    autocast = calib_autocast(opts.calib_dtype, "cpu", streamed.dtype)
+    batches = calibration_batches(calib_ids, opts.batch_size, opts.micro_batch_size)
+    sim = LayerSimilarity(adapter, opts.similarity) if opts.similarity else None
+    collector = SaliencyCollector(adapter, opts.saliency_metric) if opts.saliency_metric else None
+    hidden, calls = _capture_all(model, [ids for batch in batches for ids in batch])
     with contextlib.ExitStack() as stack:
         if sim is not None:
             stack.enter_context(sim.attached())
         for observer in observers:
             stack.enter_context(observer.attached())
-        hidden, inputs = _forward_sweep(streamed, hidden, calls, autocast, keep_inputs=True)
+        # The backward sweep recomputes each layer from its inputs; a replay at the cut reads them too.
+        hidden, inputs = _forward_sweep(streamed, hidden, calls, autocast,
+                                        keep_inputs=keep_inputs or collector is not None)
     raw = sim.importance() if sim is not None else None
     if keep_inputs:
         streamed.kept = (inputs, calls, autocast)
-    # 3. loss through the model's own head; its gradient starts the backward sweep. The collector freezes
-    # every weight but the prunable ones (which sit in taps here), so only the top hidden state gets a grad.
-    collector = SaliencyCollector(adapter, saliency_metric) if saliency_metric else None
-    total_loss = 0.0
+    # Loss through the model's own head; its gradient starts the backward sweep. The collector freezes every
+    # weight but the prunable ones (which sit in taps here), so only the top hidden state gets a gradient.
+    total_loss, grads, m = 0.0, [], 0
     with collector.attached() if collector is not None else contextlib.nullcontext():
-        grads: list[torch.Tensor] = []
-        for m, (rows, ids) in enumerate(micros):
-            top = hidden[m].detach().requires_grad_(collector is not None)
-            with autocast(), torch.set_grad_enabled(collector is not None):
-                loss = _head_loss(model, ids, top)
-            weight = ids.shape[0] / rows
-            if collector is not None:
-                (loss * weight if weight != 1.0 else loss).backward()
-                grads.append(top.grad)
-            total_loss += float(loss.detach()) * weight
+        for batch in batches:
+            rows = sum(ids.shape[0] for ids in batch)
+            batch_loss = 0.0
+            for ids in batch:
+                top = hidden[m].detach().requires_grad_(collector is not None)
+                with autocast(), torch.set_grad_enabled(collector is not None):
+                    loss = _head_loss(model, ids, top)
+                weight = ids.shape[0] / rows
+                if collector is not None:
+                    (loss * weight if weight != 1.0 else loss).backward()
+                    grads.append(top.grad)
+                batch_loss += float(loss.detach()) * weight
+                m += 1
+            total_loss += batch_loss
         del hidden
-        # 4. backward sweep.
         if collector is not None:
             _backward_sweep(streamed, collector, batches, inputs, calls, grads, autocast, progress,
                             free=not keep_inputs)
         elif progress is not None:
             for batch in batches:
-                progress(batch[0][0])
+                progress(sum(ids.shape[0] for ids in batch))
     return raw, (collector.scores if collector is not None else None), total_loss / max(len(batches), 1)
 
 
 def _backward_sweep(streamed: StreamedModel, collector: SaliencyCollector, batches, inputs, calls, grads,
-                    autocast, progress, free: bool) -> list[torch.Tensor]:
-    """Layers from the last down: recompute each micro-batch's forward, back-propagate its output gradient,
-    score the batch's weight gradients; returns the gradients of the first layer's inputs."""
+                    autocast, progress, free: bool) -> None:
+    """Layers from the last down: recompute each micro-batch's forward, back-propagate its output gradient
+    (the collector scores each batch's weight gradients), and hand the input gradient down."""
     for j in reversed(range(len(inputs))):
         with streamed.resident(j) as layer:
             m = 0
             new_grads = []
             for batch in batches:
-                for k, (_, _ids) in enumerate(batch):
+                for k in range(len(batch)):
                     x = inputs[j][m].detach().requires_grad_(j > 0)
                     with autocast():
-                        out = _hidden_out(layer(x, **calls[m][j]))
+                        out = hidden_out(layer(x, **calls[m][j]))
                     collector.accumulating = k < len(batch) - 1
                     out.backward(grads[m])
                     new_grads.append(x.grad)
                     m += 1
                 collector.end_micro_batch()
                 if j == 0 and progress is not None:
-                    progress(batch[0][0])
+                    progress(sum(ids.shape[0] for ids in batch))
         grads = new_grads
         if free:
             inputs[j] = []  # this layer's inputs are no longer needed
-    return grads
