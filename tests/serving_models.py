@@ -25,25 +25,14 @@ def shrink(model, plan: list[tuple[list[int] | None, list[int] | None, int | Non
 
 def make_serving_model(family: str = "llama", seed: int = 0, **overrides):
     """A small random Llama-shaped model vLLM's CPU attention accepts (head_dim 32): 6 query / 2 KV heads, 3 layers."""
-    import importlib
-
-    from adapt_engine.adapters import FAMILIES
+    from tiny_models import build_family_model
 
     torch.manual_seed(seed)
     kw = dict(hidden_size=96, intermediate_size=128, num_attention_heads=6, num_key_value_heads=2, head_dim=32,
               num_hidden_layers=3, vocab_size=320, max_position_embeddings=256, tie_word_embeddings=False,
               rope_theta=10000.0)
     kw.update(overrides)
-    spec = FAMILIES[family]
-    cfg = getattr(importlib.import_module(spec.config_module), spec.config_class)(**kw)
-    model = getattr(importlib.import_module(spec.modeling_module), spec.causal_lm_class)(cfg).eval()
-    with torch.no_grad():  # wider than the default init, so logits have clear winners
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.15)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1)
-    return model
+    return build_family_model(family, kw, weight_std=0.15)  # wider than the default init: clear winners
 
 
 def merge_shrink(model, plan: list[tuple[int | None, int | None]], seed: int = 0):

@@ -29,15 +29,20 @@ def make_tiny_model(family: str, gqa: bool = True, layers: int = 3, vocab: int =
     if family == "llama-bias":  # Llama with attention_bias and mlp_bias: every projection has a bias
         family = "llama"
         kw.update(attention_bias=True, mlp_bias=True)
+    # Random init leaves many projections tiny; widen the spread so pruning choices matter in tests.
+    return build_family_model(family, kw, weight_std=0.2)
+
+
+def build_family_model(family: str, config_kw: dict, weight_std: float):
+    """A random-weight causal LM of ``family`` from config fields, matrices drawn with ``weight_std`` (biases 0.1)."""
     spec = FAMILIES[family]
     cfg_cls = getattr(importlib.import_module(spec.config_module), spec.config_class)
     model_cls = getattr(importlib.import_module(spec.modeling_module), spec.causal_lm_class)
-    model = model_cls(cfg_cls(**kw)).eval()
-    # Random init leaves many projections tiny; widen the spread so pruning choices matter in tests.
+    model = model_cls(cfg_cls(**config_kw)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
-                p.normal_(0, 0.2)
+                p.normal_(0, weight_std)
             elif name.endswith("bias"):
                 p.normal_(0, 0.1)
     return model

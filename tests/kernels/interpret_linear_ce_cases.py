@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 import torch  # noqa: E402
 from adapt_engine.kernels.linear_ce import ce_rows_torch, run_linear_cross_entropy  # noqa: E402
 from adapt_engine.kernels.linear_ce_triton import MAX_BLOCK_V, ce_rows_triton  # noqa: E402
-from linear_ce_cases import assert_matches_truth, make_inputs, run, truth  # noqa: E402
+from linear_ce_cases import assert_matches_truth, check_fp32_case, make_inputs, run, truth  # noqa: E402
 
 # Small shapes (the interpreter runs each program in numpy); vocabularies below one tile, one
 # element past a tile, and several tiles with a ragged end.
@@ -32,10 +32,7 @@ def _triton_loss(hidden, weight, targets, *, reduction="mean", ignore_index=-100
 @pytest.mark.parametrize("reduction", ("mean", "sum", "none"))
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_fused_loss_with_triton_rows(case, reduction, ignore):
-    lead, vocab, hidden, chunk = case
-    h, w, t = make_inputs(lead, vocab, hidden, torch.float32, ignore)
-    got = run(_triton_loss, h, w, t, reduction, chunk=chunk)
-    assert_matches_truth(got, truth(h, w, t, reduction), torch.float32, f"{case} {reduction} {ignore}")
+    check_fp32_case(_triton_loss, case, reduction, ignore)
 
 
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)

@@ -77,6 +77,14 @@ def rel_err(got: torch.Tensor | None, want: torch.Tensor) -> float:
     return float(diff.max() / (scale + 1e-30)) if w.numel() else 0.0
 
 
+def check_fp32_case(fn, case, reduction: str, ignore: str) -> None:
+    """``fn`` (a fused-loss implementation) on one fp32 case equals the float64 truth within tolerance."""
+    lead, vocab, hidden, chunk = case
+    h, w, t = make_inputs(lead, vocab, hidden, torch.float32, ignore)
+    got = run(fn, h, w, t, reduction, chunk=chunk)
+    assert_matches_truth(got, truth(h, w, t, reduction), torch.float32, f"{case} {reduction} {ignore}")
+
+
 def assert_matches_truth(got, want, dtype, label: str = "") -> None:
     """Loss and both gradients within the dtype's tolerance of the float64 truth."""
     for name, g, w in zip(("loss", "grad hidden", "grad weight"), got, want):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from adapt_engine.kernels import linear_cross_entropy, linear_cross_entropy_reference, linear_cross_entropy_torch
 from adapt_engine.kernels.linear_ce import CHUNK_ELEMS, chunk_rows
-from linear_ce_cases import CASES, TOL, assert_matches_truth, make_inputs, rel_err, run, truth
+from linear_ce_cases import CASES, TOL, assert_matches_truth, check_fp32_case, make_inputs, rel_err, run, truth
 from torch.utils._python_dispatch import TorchDispatchMode
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -17,10 +17,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 @pytest.mark.parametrize("reduction", ("mean", "sum", "none"))
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_fp32_equals_float64_truth(case, reduction, ignore):
-    lead, vocab, hidden, chunk = case
-    h, w, t = make_inputs(lead, vocab, hidden, torch.float32, ignore)
-    got = run(linear_cross_entropy, h, w, t, reduction, chunk=chunk)
-    assert_matches_truth(got, truth(h, w, t, reduction), torch.float32, f"{case} {reduction} {ignore}")
+    check_fp32_case(linear_cross_entropy, case, reduction, ignore)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
