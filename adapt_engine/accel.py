@@ -38,7 +38,16 @@ from .adapters import DecoderAdapter, count_params
 from .args import AccelConfig
 from .checkpoint import CheckpointError, check_compatible, latest_checkpoint, load_checkpoint, rng_state, set_rng_state
 from .data import sample_windows
-from .distributed import Dist, Session, check_same_shapes, rank_share, setup_distributed, start_session, sync_back
+from .distributed import (
+    Dist,
+    Session,
+    calibration_share,
+    check_same_shapes,
+    rank_share,
+    setup_distributed,
+    start_session,
+    sync_back,
+)
 from .errors import AdaptEngineError, UsageError
 from .evaluate import perplexity
 from .fsio import atomic_write
@@ -301,10 +310,7 @@ def prepare_data(run: AccelRun) -> None:
     train_ids = packed_ids(run.tokenizer, cfg.train_data, "train")
     run.plan = plan_data(train_ids, cfg)
     calib = sample_windows(train_ids, cfg.calib_samples, cfg.calib_seq_len, seed=cfg.seed + 1)
-    # Calibration is sharded by whole calibration batches, so the summed scores equal a single process's.
-    # With fewer batches than ranks every rank scores all of them (the sums scale, the ranking does not).
-    batches = list(torch.split(calib, cfg.calib_batch_size))
-    run.calib = torch.cat(batches[d.rank::d.world]) if len(batches) >= d.world else calib
+    run.calib = calibration_share(calib, cfg.calib_batch_size, d)
     run.val_ids = packed_ids(run.tokenizer, cfg.train_data, "heldout")[: cfg.val_tokens] if cfg.val_tokens else None
     run.phase_steps = [steps_of(b - a, cfg.global_batch) for a, b in run.plan.bounds]
     if run.total_steps == 0:

@@ -28,6 +28,7 @@ IMPORTANCES = ("taylor", "magnitude", "random", "vectorize", "param_mix")
 GRADIENT_IMPORTANCES = ("taylor", "vectorize", "param_mix")  # the ones scored from calibration gradients
 SIMILARITIES = ("cosine", "euclidean", "manhattan")
 CALIB_DTYPES = ("float32", "bfloat16", "auto")
+FP32_MATMULS = ("auto", "ieee", "bf16")  # precision.py: how float32 calibration matmuls are computed on CPU
 ATTENTION_MODES = ("query", "kv")
 MERGE = "merge"  # the attention granularity of --deploy-target vllm (not an --attention choice)
 KV_MERGES = ("weighted", "mean", "salient")
@@ -188,6 +189,9 @@ class PruneSettings:
     calib_dtype: str = setting("float32", choices=CALIB_DTYPES,
                                help="calibration forward/backward under bf16 autocast (fp32 weights and saliency); "
                                "auto: bf16 where the device runs it fast")
+    fp32_matmul: str = setting("auto", choices=FP32_MATMULS,
+                               help="float32 calibration matmuls on CPU: IEEE (ieee), oneDNN's bf16-based mode (bf16), "
+                               "or that mode where a start-up probe shows it keeps float32 accuracy (auto)")
     seed: int = setting(0, help="random seed (calibration sample, data order, random importance)")
     # Issue-18 quality levers (docs/quality.md has the ablation that chose these defaults).
     compensate: str = setting("lstsq", choices=COMPENSATIONS,

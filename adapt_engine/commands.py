@@ -17,6 +17,7 @@ from .adapters import DecoderAdapter, count_params
 from .args import EvalSettings, PruneRunSettings
 from .data import load_text, sample_windows, tokenize_text
 from .devices import resolve_device
+from .distributed import Dist, calibration_share, setup_distributed
 from .dtypes import parse_dtype
 from .evaluate import perplexity
 from .models import folder_tokenizer, load_model
@@ -45,12 +46,12 @@ def _heldout_ppl(model, eval_ids: torch.Tensor | None, eval_tokens: int,
     return perplexity(model, eval_ids, seq_len=min(512, eval_tokens), batch_size=4)
 
 
-def _load_for_pruning(cfg: PruneRunSettings, offload: str):
+def _load_for_pruning(cfg: PruneRunSettings, offload: str, device: torch.device):
     """(model, tokenizer, streamed model or None): whole, or as a skeleton whose layers stream from disk."""
     if offload == "none":
-        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        model, tokenizer = load_model(cfg.model, device=str(device), dtype=cfg.dtype)
         return model, tokenizer, None
-    if resolve_device(cfg.device).type != "cpu":
+    if device.type != "cpu":
         raise StreamingError("--offload layer runs on the CPU here; use --device cpu (or --offload none)")
     if cfg.model is None:
         raise StreamingError("--offload layer reads a model folder with safetensors shards; pass --model DIR "
@@ -60,10 +61,11 @@ def _load_for_pruning(cfg: PruneRunSettings, offload: str):
     return streamed.model, folder_tokenizer(folder), streamed
 
 
-def _prune_with_progress(pruner: AdaptPruner, target: int, steps: int, calib: torch.Tensor | None) -> None:
+def _prune_with_progress(pruner: AdaptPruner, target: int, steps: int, calib: torch.Tensor | None,
+                         show: bool = True) -> None:
     per_step = calib.shape[0] if calib is not None else 0
     bar = tqdm(total=max(1, steps * max(per_step, 1)), desc="pruning", unit="seq" if per_step else "step",
-               file=sys.stderr, dynamic_ncols=True)
+               file=sys.stderr, dynamic_ncols=True, disable=not show)
 
     def on_step(rec: dict) -> None:
         if not per_step:
@@ -85,36 +87,56 @@ def _report_settings(cfg: PruneRunSettings) -> dict:
 
 
 def run_prune(cfg: PruneRunSettings) -> RunReport:
-    """Check, load, calibrate, prune in T sub-steps, save, report (and bench unless --no-bench)."""
+    """Check, load, calibrate, prune in T sub-steps, save, report (and bench unless --no-bench).
+
+    Under torchrun every rank scores its share of the calibration batches and the scores are summed
+    (``AdaptPruner`` all-reduces them), so every rank makes the same plan; rank 0 evaluates and saves."""
     t_start = time.perf_counter()
     cfg.validate()
     check_output(cfg.output, overwrite=cfg.overwrite, model=cfg.model, dtype=cfg.dtype)
     torch.manual_seed(cfg.seed)
+    d = setup_distributed(str(resolve_device(cfg.device)))
+    try:
+        return _run_prune(cfg, d, t_start)
+    finally:
+        if d.owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run_prune(cfg: PruneRunSettings, d: Dist, t_start: float) -> RunReport:
     offload = resolve_offload(cfg.offload, cfg.model, cfg.dtype)
-    print(f"loading model {cfg.loading.model_name}{' (streamed: one layer at a time)' if offload == 'layer' else ''}"
-          " ...", file=sys.stderr)
-    model, tokenizer, streamed = _load_for_pruning(cfg, offload)
+    if d.main:
+        print(f"loading model {cfg.loading.model_name}"
+              f"{' (streamed: one layer at a time)' if offload == 'layer' else ''}"
+              f"{f' on {d.world} ranks' if d.world > 1 else ''} ...", file=sys.stderr)
+    model, tokenizer, streamed = _load_for_pruning(cfg, offload, d.device)
     adapter = DecoderAdapter(model)
     calib, sampler = None, None
     if cfg.prune.needs_calibration:
         ids = tokenize_text(tokenizer, load_text(cfg.calib_data, "train"))
-        calib = sample_windows(ids, cfg.calib_samples, cfg.calib_seq_len, seed=cfg.seed)
+        calib = calibration_share(sample_windows(ids, cfg.calib_samples, cfg.calib_seq_len, seed=cfg.seed),
+                                  cfg.prune.calib_batch_size, d)
 
         def sampler(step: int) -> torch.Tensor:
             # --calib-resample: sub-step i draws with seed + i, fresh windows that are still reproducible.
-            return sample_windows(ids, cfg.calib_samples, cfg.calib_seq_len, seed=cfg.seed + step)
-    eval_ids = heldout_ids(tokenizer, None, cfg.calib_data)[: cfg.eval_tokens] if cfg.eval_tokens > 0 else None
+            windows = sample_windows(ids, cfg.calib_samples, cfg.calib_seq_len, seed=cfg.seed + step)
+            return calibration_share(windows, cfg.prune.calib_batch_size, d)
+    eval_ids = None
+    if cfg.eval_tokens > 0 and d.main:  # the other ranks would only repeat rank 0's evaluation
+        eval_ids = heldout_ids(tokenizer, None, cfg.calib_data)[: cfg.eval_tokens]
     before = _heldout_ppl(model, eval_ids, cfg.eval_tokens, streamed)
     scratch = None
     if streamed is not None:  # cut layers are rewritten beside the output (same disk), removed at the end
         Path(cfg.output).absolute().parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=".adapt-offload-", dir=Path(cfg.output).absolute().parent))
     try:
-        report = _prune_and_report(cfg, model, adapter, streamed, scratch, calib, sampler, eval_ids, before)
+        report = _prune_and_report(cfg, model, adapter, streamed, scratch, calib, sampler, eval_ids, before, d.main)
         report.wall_seconds = time.perf_counter() - t_start
         report.peak_rss_mb = peak_memory_mb(cfg.device)
-        finish_run(report, model, tokenizer, cfg.output, dense=cfg.loading, bench=not cfg.no_bench,
-                   write_weights=streamed.write_weights if streamed is not None else None)
+        if d.main:
+            finish_run(report, model, tokenizer, cfg.output, dense=cfg.loading, bench=not cfg.no_bench,
+                       write_weights=streamed.write_weights if streamed is not None else None)
+        d.barrier()  # every rank leaves together, once rank 0 has saved
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -122,14 +144,15 @@ def run_prune(cfg: PruneRunSettings) -> RunReport:
 
 
 def _prune_and_report(cfg: PruneRunSettings, model, adapter: DecoderAdapter, streamed: StreamedModel | None,
-                      scratch: Path | None, calib, sampler, eval_ids, before: dict | None) -> RunReport:
+                      scratch: Path | None, calib, sampler, eval_ids, before: dict | None,
+                      show_progress: bool = True) -> RunReport:
     """Prune to the target in T sub-steps and measure the result (the report, without the timings)."""
     pruner = AdaptPruner(model, cfg.prune, calib, calib_sampler=sampler, streamed=streamed, scratch=scratch)
     target = cfg.target_params if cfg.target_params is not None else pruner.target_from_sparsity(cfg.sparsity)
     widths_before = [asdict(s) for s in adapter.shapes()]
     details = {"layer_params_before": _layer_params(adapter), "prunable_before": adapter.prunable_params()}
     params_before = count_params(model)
-    _prune_with_progress(pruner, target, cfg.prune.steps, calib)
+    _prune_with_progress(pruner, target, cfg.prune.steps, calib, show_progress)
     after = _heldout_ppl(model, eval_ids, cfg.eval_tokens, streamed)
     params_after = count_params(model)
     details.update(prunable_after=adapter.prunable_params(), layer_params_after=_layer_params(adapter),

@@ -153,3 +153,10 @@ def rank_share(n: int, rank: int, world: int) -> range:
     --micro-batch every micro-batch holds exactly the sequences it holds in a single-process run."""
     per = -(-n // world)
     return range(min(n, rank * per), min(n, (rank + 1) * per))
+
+
+def calibration_share(calib: torch.Tensor, batch_size: int, d: Dist) -> torch.Tensor:
+    """This rank's calibration windows: whole batches, round-robin, so the ranks' summed scores equal one process's.
+    With fewer batches than ranks every rank scores all of them (the sums scale, the ranking does not)."""
+    batches = list(torch.split(calib, batch_size))
+    return torch.cat(batches[d.rank::d.world]) if len(batches) >= d.world else calib

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import precision
 from .adapters import DecoderAdapter
 from .args import CALIB_DTYPES, GRADIENT_IMPORTANCES, SIMILARITIES
 from .groups import GroupScores, Member, group_members
@@ -202,12 +203,20 @@ def random_scores(adapter: DecoderAdapter, generator: torch.Generator) -> GroupS
     return scores
 
 
-def calib_autocast(calib_dtype: str, device: torch.device | str, weight_dtype: torch.dtype
-                   ) -> Callable[[], contextlib.AbstractContextManager]:
-    """A factory of the calibration pass's autocast context (bf16 only over float32 weights)."""
+def calib_autocast(calib_dtype: str, device: torch.device | str, weight_dtype: torch.dtype,
+                   fp32_matmul_mode: str = "ieee") -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the calibration pass's numeric context: autocast (bf16 only over float32 weights) and the
+    float32 matmul mode (``precision.resolve_fp32_matmul``)."""
     amp_dtype = resolve_calib_dtype(calib_dtype, device)
     enabled = amp_dtype != torch.float32 and weight_dtype == torch.float32
-    return lambda: torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=enabled)
+    mode = precision.resolve_fp32_matmul(fp32_matmul_mode, device)
+
+    @contextlib.contextmanager
+    def context():
+        with precision.fp32_matmul(mode), torch.autocast(torch.device(device).type, dtype=amp_dtype, enabled=enabled):
+            yield
+
+    return context
 
 
 def calibration_batches(calib_ids: torch.Tensor, batch_size: int,
@@ -227,6 +236,7 @@ class CalibPass:
     saliency_metric: str | None
     calib_dtype: str = "float32"
     micro_batch_size: int | None = None
+    fp32_matmul: str = "ieee"
 
 
 def calibration_pass(
@@ -239,6 +249,7 @@ def calibration_pass(
     calib_dtype: str = "float32",
     micro_batch_size: int | None = None,
     observers: tuple = (),
+    fp32_matmul: str = "ieee",
 ) -> tuple[torch.Tensor | None, GroupScores | None, float]:
     """One pass over the calibration set: raw layer importances, gradient saliency, mean loss.
 
@@ -252,18 +263,21 @@ def calibration_pass(
     in the prunable weights' ``.grad`` and are scored once per batch, so the scores are those of the
     whole batch while the activations held are those of one micro-batch (the held gradients cost
     one fp32 copy of the prunable weights).
+    ``fp32_matmul`` (ieee | bf16 | auto, ``precision.py``) is how float32 matmuls are computed on CPU.
     ``observers`` are extra hook holders (``.attached()`` context managers, e.g. compensation statistics)
     that watch the same forward pass.
     """
     model = adapter.model
     device = next(model.parameters()).device
-    autocast = calib_autocast(calib_dtype, device, next(model.parameters()).dtype)
+    autocast = calib_autocast(calib_dtype, device, next(model.parameters()).dtype, fp32_matmul)
     sim = LayerSimilarity(adapter, similarity) if similarity else None
     collector = SaliencyCollector(adapter, saliency_metric) if saliency_metric else None
     was_training = model.training
     model.eval()  # no dropout: saliency of the deterministic model
     total_loss, batches = 0.0, 0
     with contextlib.ExitStack() as stack:
+        # The whole pass, backward included (autocast covers only the forward).
+        stack.enter_context(precision.fp32_matmul(precision.resolve_fp32_matmul(fp32_matmul, device)))
         if sim is not None:
             stack.enter_context(sim.attached())
         if collector is not None:

@@ -48,6 +48,7 @@ from .importance import (
     hidden_out,
 )
 from .lm_loss import causal_lm_loss
+from .precision import fp32_matmul, resolve_fp32_matmul
 
 LAYER_PREFIX = "model.layers."
 
@@ -398,8 +399,16 @@ def streamed_calibration_pass(streamed: StreamedModel, calib_ids: torch.Tensor, 
     """:func:`importance.calibration_pass` with one decoder layer resident at a time (same results: raw layer
     importances, group saliency, mean loss). ``keep_inputs`` keeps every layer's calibration inputs on
     ``streamed`` for :meth:`StreamedModel.replay` (until ``forget_inputs``)."""
+    # The whole pass, the backward sweep included (autocast covers only the forwards).
+    with fp32_matmul(resolve_fp32_matmul(opts.fp32_matmul, "cpu")):
+        return _streamed_pass(streamed, calib_ids, opts, progress, observers, keep_inputs)
+
+
+def _streamed_pass(streamed: StreamedModel, calib_ids: torch.Tensor, opts: CalibPass, progress, observers: tuple,
+                   keep_inputs: bool) -> tuple[torch.Tensor | None, object, float]:
+    """The body of :func:`streamed_calibration_pass`."""
     model, adapter = streamed.model, streamed.adapter
-    autocast = calib_autocast(opts.calib_dtype, "cpu", streamed.dtype)
+    autocast = calib_autocast(opts.calib_dtype, "cpu", streamed.dtype, opts.fp32_matmul)
     batches = calibration_batches(calib_ids, opts.batch_size, opts.micro_batch_size)
     sim = LayerSimilarity(adapter, opts.similarity) if opts.similarity else None
     collector = SaliencyCollector(adapter, opts.saliency_metric) if opts.saliency_metric else None
