@@ -45,6 +45,7 @@ TARGET_LADDERS: dict[str, dict[str, str]] = {
 BUDGET_SPLITS = ("saliency", "proportional")
 COMPENSATIONS = ("none", "bias", "lstsq")
 IMPORTANCE_SCALES = ("max", "robust", "rank")
+MLP_SELECTS = ("saliency", "obs")  # which MLP channels a layer keeps at its planned width
 OFFLOAD_MODES = ("auto", "none", "layer")
 
 # Choices of accel.
@@ -204,11 +205,19 @@ class PruneSettings:
     importance_scale: str = setting("max", choices=IMPORTANCE_SCALES,
                                     help="layer-importance normalisation: divide by max |I| (paper), robust "
                                     "(median/MAD, clipped) or rank")
+    mlp_select: str = setting("saliency", choices=MLP_SELECTS,
+                              help="which MLP channels each layer keeps at its planned width: the most salient "
+                              "(saliency), or those whose removal with the lstsq refit of the rest costs least "
+                              "output error on the calibration activations (obs: greedy structured OBS; needs "
+                              "--compensate lstsq)")
 
     def validate(self) -> None:
         """Raise UsageError naming the flag for any out-of-range setting."""
         check_bounds(self)
         ladder_for(self.deploy_target, self.attention)
+        if self.mlp_select == "obs" and self.compensate != "lstsq":
+            raise UsageError("--mlp-select obs chooses channels from the lstsq Gram matrices; use it with "
+                             "--compensate lstsq (the default)")
 
     @property
     def ladder(self) -> str:
@@ -277,7 +286,7 @@ class AccelConfig(CommandSettings):
     # Weight compensation and per-sub-step resampling were measured for `prune` only (docs/quality.md): accel
     # recovers by training, and a compensated cut broke the DDP = single-process equality test.
     prune: PruneSettings = nested(lambda: PruneSettings(compensate="none"),
-                                  exclude=("steps", "compensate", "compensate_damp", "calib_resample"))
+                                  exclude=("steps", "compensate", "compensate_damp", "calib_resample", "mlp_select"))
     prune_steps: int | None = setting(None, minimum=1,
                                       help="Algorithm-1 sub-steps per phase (default ceil(50 / interleaves))")
     saliency: str = setting("calib", choices=SALIENCY_SOURCES,

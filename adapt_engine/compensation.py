@@ -153,6 +153,36 @@ def refit_columns(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, 
     return (w_keep.double() + delta_t.T).to(weight.dtype)
 
 
+# SparseGPT's dampening of the Hessian (1 % of its mean diagonal): the greedy order needs the correlations,
+# which the refit's heavier default ridge would wash out.
+OBS_DAMP = 0.01
+
+
+def obs_keep(weight: torch.Tensor, gram: torch.Tensor, keep_count: int, damp: float = OBS_DAMP) -> torch.Tensor:
+    """The ``keep_count`` input columns of ``weight`` to keep, chosen by greedy structured OBS (sorted indices).
+
+    One column at a time, remove the column p with the least output error ``‖W_p‖² / [H⁻¹]_pp`` after the
+    optimal update of the others (H = G + λI), then apply that update to W and H⁻¹ (OBC/ZipLM's rule).
+    """
+    n = weight.shape[1]
+    if keep_count >= n:
+        return torch.arange(n)
+    h = gram.to(torch.float64).clone().cpu()
+    h.diagonal().add_(damp * float(h.diagonal().mean()) + 1e-12)
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    w = weight.detach().to(torch.float64).cpu().clone()
+    alive = torch.ones(n, dtype=torch.bool)
+    for _ in range(n - keep_count):
+        err = (w * w).sum(0) / hinv.diagonal()
+        err[~alive] = float("inf")
+        p = int(err.argmin())
+        scale = 1.0 / float(hinv[p, p])
+        w.sub_(torch.outer(w[:, p], hinv[p]), alpha=scale)
+        hinv.sub_(torch.outer(hinv[:, p], hinv[p]), alpha=scale)
+        alive[p] = False
+    return torch.nonzero(alive).flatten()
+
+
 def _compensate_linear(lin: nn.Linear, keep: torch.Tensor, stat: torch.Tensor, tokens: int, method: str,
                        damp: float) -> None:
     """Rewrite ``lin``'s kept columns (lstsq) or its bias (bias) in place, before surgery drops the rest."""
@@ -166,17 +196,22 @@ def _compensate_linear(lin: nn.Linear, keep: torch.Tensor, stat: torch.Tensor, t
         lin.bias.add_((lin.weight[:, removed].double() @ mean).to(lin.bias.dtype))
 
 
-def compensate_plan(adapter: DecoderAdapter, plan: list[LayerKeep], stats: InputStatistics, damp: float) -> None:
+def compensate_plan(adapter: DecoderAdapter, plan: list[LayerKeep], stats: InputStatistics, damp: float,
+                    mlp_select: str = "saliency") -> None:
     """Apply the compensation of every cut in ``plan`` to o_proj and down_proj (call before ``apply_plan``)."""
     for j, keep in enumerate(plan):
-        compensate_layer(adapter, j, keep, stats, damp)
+        compensate_layer(adapter, j, keep, stats, damp, mlp_select)
 
 
-def compensate_layer(adapter: DecoderAdapter, j: int, keep: LayerKeep, stats: InputStatistics, damp: float) -> None:
-    """The compensation of layer ``j``'s cut (its weights must be resident; call before pruning it)."""
+def compensate_layer(adapter: DecoderAdapter, j: int, keep: LayerKeep, stats: InputStatistics, damp: float,
+                     mlp_select: str = "saliency") -> None:
+    """The compensation of layer ``j``'s cut (its weights must be resident; call before pruning it). With
+    ``mlp_select="obs"`` the kept MLP channels are first re-chosen (same count) by :func:`obs_keep`."""
     layer = adapter.layers[j]
     _, _, _, o = adapter.attention_projections(layer)
     _, _, down = adapter.mlp_projections(layer)
+    if mlp_select == "obs" and keep.mlp is not None and stats.mlp[j] is not None and stats.method == "lstsq":
+        keep.mlp = obs_keep(down.weight, stats.mlp[j], int(keep.mlp.numel())).to(keep.mlp.device)
     if keep.q_heads is not None and stats.attn[j] is not None:
         _compensate_linear(o, head_rows(keep.q_heads, adapter.head_dim), stats.attn[j], stats.tokens, stats.method,
                            damp)

@@ -133,7 +133,7 @@ class AdaptPruner:
         if self.streamed is None:
             if stats is not None:
                 stats.reduce_across_ranks()
-                compensate_plan(self.adapter, plan, stats, s.compensate_damp)
+                compensate_plan(self.adapter, plan, stats, s.compensate_damp, s.mlp_select)
             apply_plan(self.adapter, plan, optimizer)
             return
         if stats is not None:  # gathered in the forward sweep (they fit in memory)
@@ -149,7 +149,7 @@ class AdaptPruner:
                         with layer_stats.attached([j]):
                             self.streamed.replay(j)
                         layer_stats.reduce_across_ranks()
-                    compensate_layer(self.adapter, j, keep, layer_stats, s.compensate_damp)
+                    compensate_layer(self.adapter, j, keep, layer_stats, s.compensate_damp, s.mlp_select)
                 prune_layer(self.adapter, j, keep)
                 self.streamed.rewrite(j, self.scratch)
         self.streamed.forget_inputs()

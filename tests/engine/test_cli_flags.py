@@ -18,7 +18,7 @@ FIXTURE = Path(__file__).parent / "data" / "cli_flags.json"
 # accel takes only the layer-importance scale; issue 13 also: the float32 matmul mode),
 # issue 12 part 2 (prune for the engine that will serve the model).
 CALIB = {"--calib-micro-batch", "--calib-dtype", "--fp32-matmul", "--importance-scale"}
-QUALITY = {"--compensate", "--compensate-damp", "--calib-resample"}
+QUALITY = {"--compensate", "--compensate-damp", "--calib-resample", "--mlp-select"}
 DEPLOY = {"--deploy-target", "--kv-merge"}
 ADDED = {"prune": CALIB | QUALITY | DEPLOY | {"--offload"}, "eval": set(), "bench": {"--engine", "--concurrency"},
          "accel": {"--no-bench"} | CALIB | DEPLOY}

@@ -77,15 +77,20 @@ def _plan(adapter, gen):
     return plan
 
 
-@pytest.mark.parametrize("family,method", [("llama", "lstsq"), ("qwen2", "lstsq"), ("llama-bias", "bias"),
-                                           ("llama-bias", "lstsq")])
-def test_pruned_logits_equal_masked_and_compensated_reference(family, method):
+@pytest.mark.parametrize("family,method,select", [
+    ("llama", "lstsq", "saliency"), ("qwen2", "lstsq", "saliency"), ("llama-bias", "bias", "saliency"),
+    ("llama-bias", "lstsq", "saliency"), ("llama", "lstsq", "obs"), ("qwen2", "lstsq", "obs")])
+def test_pruned_logits_equal_masked_and_compensated_reference(family, method, select):
     dense = make_tiny_model(family)
     calib = _calib()
     stats = _stats(dense, method, calib)
     plan = _plan(DecoderAdapter(dense), torch.Generator().manual_seed(3))
+    chosen = [None if k.mlp is None else k.mlp.clone() for k in plan]
     pruned, reference = copy.deepcopy(dense), copy.deepcopy(dense)
-    compensate_plan(DecoderAdapter(pruned), plan, stats, 0.01)
+    compensate_plan(DecoderAdapter(pruned), plan, stats, 0.01, select)  # obs re-chooses plan's MLP channels
+    if select == "obs":
+        assert any(c is not None and not torch.equal(c, k.mlp) for c, k in zip(chosen, plan))
+        assert all(c is None or c.numel() == k.mlp.numel() for c, k in zip(chosen, plan))
     apply_plan(DecoderAdapter(pruned), plan)
     ref_adapter = DecoderAdapter(reference)
     compensate_plan(ref_adapter, plan, stats, 0.01)
@@ -163,11 +168,12 @@ def test_bias_is_refused_for_models_without_o_and_down_bias():
         AdaptPruner(make_tiny_model("qwen2"), PruneSettings(compensate="bias", steps=1), _calib())
 
 
-@pytest.mark.parametrize("method", ["lstsq", "bias"])
+@pytest.mark.parametrize("method,select", [("lstsq", "saliency"), ("bias", "saliency"), ("lstsq", "obs")])
 @pytest.mark.parametrize("mode", ["query", "kv"])
-def test_compensated_prune_lands_on_target_and_reloads_both_ways(tmp_path, tiny_tokenizer, method, mode):
+def test_compensated_prune_lands_on_target_and_reloads_both_ways(tmp_path, tiny_tokenizer, method, select, mode):
     model = make_tiny_model("llama-bias")
-    pruner = AdaptPruner(model, PruneSettings(steps=2, attention=mode, compensate=method), _calib())
+    settings = PruneSettings(steps=2, attention=mode, compensate=method, mlp_select=select)
+    pruner = AdaptPruner(model, settings, _calib())
     target = pruner.target_from_sparsity(0.4)
     pruner.prune_to(target)
     assert abs(count_params(model) - target) <= 3 * 48 // 2 + 1
@@ -178,3 +184,51 @@ def test_compensated_prune_lands_on_target_and_reloads_both_ways(tmp_path, tiny_
         assert torch.equal(load_pruned(out)(x).logits, ref)
         assert torch.equal(AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)(x).logits, ref)
 
+
+
+# --mlp-select obs: greedy structured OBS picks the columns whose removal (with the optimal update of the rest)
+# costs least, measured here by brute force on the damped quadratic it minimises.
+
+
+def _damped(gram: torch.Tensor, damp: float) -> torch.Tensor:
+    h = gram.clone()
+    h.diagonal().add_(damp * float(h.diagonal().mean()) + 1e-12)
+    return h
+
+
+def _removal_error(w: torch.Tensor, h: torch.Tensor, keep: torch.Tensor) -> float:
+    """min over V of tr((W - V E_S) H (W - V E_S)ᵀ): the best refit of the kept columns, by direct solve."""
+    v = torch.linalg.solve(h[keep][:, keep], (w @ h[:, keep]).T).T
+    full = torch.zeros_like(w)
+    full[:, keep] = v
+    d = w - full
+    return float(torch.trace(d @ h @ d.T))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_obs_keep_removes_the_column_brute_force_finds_cheapest(seed):
+    from adapt_engine.compensation import OBS_DAMP, obs_keep
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(200, 7, generator=g, dtype=torch.float64) @ torch.randn(7, 7, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    h = _damped(x.T @ x, OBS_DAMP)
+    errors = [_removal_error(w, h, torch.tensor([c for c in range(7) if c != p])) for p in range(7)]
+    kept = obs_keep(w, x.T @ x, 6)
+    removed = sorted(set(range(7)) - set(kept.tolist()))
+    assert removed == [min(range(7), key=errors.__getitem__)]
+    # Two removals: greedy, so never better than the best pair, and no worse than removing the two cheapest alone.
+    kept2 = obs_keep(w, x.T @ x, 5)
+    assert kept2.tolist() == sorted(kept2.tolist()) and len(kept2) == 5
+    naive = torch.tensor(sorted(sorted(range(7), key=errors.__getitem__)[2:]))
+    assert _removal_error(w, h, kept2) <= _removal_error(w, h, naive) + 1e-9
+    assert obs_keep(w, x.T @ x, 7).tolist() == list(range(7))
+
+
+def test_obs_select_needs_lstsq():
+    from adapt_engine.args import PruneSettings
+    from adapt_engine.errors import UsageError
+
+    with pytest.raises(UsageError, match="--mlp-select obs .* --compensate lstsq"):
+        PruneSettings(mlp_select="obs", compensate="none").validate()
+    PruneSettings(mlp_select="obs").validate()
