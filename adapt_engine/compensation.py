@@ -176,9 +176,10 @@ def obs_keep(weight: torch.Tensor, gram: torch.Tensor, keep_count: int, damp: fl
         err = (w * w).sum(0) / hinv.diagonal()
         err[~alive] = float("inf")
         p = int(err.argmin())
-        scale = 1.0 / float(hinv[p, p])
-        w.sub_(torch.outer(w[:, p], hinv[p]), alpha=scale)
-        hinv.sub_(torch.outer(hinv[:, p], hinv[p]), alpha=scale)
+        scale = -1.0 / float(hinv[p, p])
+        row = hinv[p].clone()  # rank-1 updates in place (BLAS ger): one pass over H⁻¹ per removal
+        w.addr_(w[:, p].clone(), row, alpha=scale)
+        hinv.addr_(hinv[:, p].clone(), row, alpha=scale)
         alive[p] = False
     return torch.nonzero(alive).flatten()
 
