@@ -99,6 +99,23 @@ def ladder_for(deploy_target: str, attention: str) -> str:
     return ladders[attention]
 
 
+def parse_layers(text: str) -> list[int]:
+    """Sorted 0-based decoder-layer indices of a ``--layers`` spec: ``A-B`` (inclusive), ``A,B,C`` or a mix
+    (``0,4-7``); UsageError naming the flag for anything else."""
+    chosen: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        lo, dash, hi = part.partition("-")
+        try:
+            first, last = (int(lo), int(hi)) if dash else (int(part), int(part))
+        except ValueError:
+            raise UsageError(f"--layers takes 0-based layer indices like 4-29 or 0,2,5-9, got '{text}'") from None
+        if first < 0 or last < first:
+            raise UsageError(f"--layers range '{part}' must be A-B with 0 <= A <= B (0-based, inclusive)")
+        chosen.update(range(first, last + 1))
+    return sorted(chosen)
+
+
 def _check_device(name: str) -> None:
     from .devices import resolve_device  # torch: only once the flags are parsed
 
@@ -200,11 +217,16 @@ class PruneSettings:
     importance_scale: str = setting("max", choices=IMPORTANCE_SCALES,
                                     help="layer-importance normalisation: divide by max |I| (paper), robust "
                                     "(median/MAD, clipped) or rank")
+    layers: str | None = setting(None, help="decoder layers to prune, 0-based: A-B (inclusive) or a list like "
+                                 "0,3,5-9; the other layers stay untouched and the listed ones absorb the whole "
+                                 "parameter target (default: all; AdaPruner prunes 4-29 of LLaMA-7B's 32)")
 
     def validate(self) -> None:
         """Raise UsageError naming the flag for any out-of-range setting."""
         check_bounds(self)
         ladder_for(self.deploy_target, self.attention)
+        if self.layers is not None:
+            parse_layers(self.layers)
 
     @property
     def ladder(self) -> str:
