@@ -9,6 +9,7 @@ engine is loaded anyway.
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,9 @@ DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", 
 # Choices of the pruning settings (each module that implements them validates against these).
 ALLOCATIONS = ("adaptive", "uniform")
 LAYER_UPDATES = ("incremental", "absolute")
-IMPORTANCES = ("taylor", "magnitude", "random", "vectorize", "param_mix")
-GRADIENT_IMPORTANCES = ("taylor", "vectorize", "param_mix")  # the ones scored from calibration gradients
+IMPORTANCES = ("taylor", "magnitude", "random", "vectorize", "param_mix", "mix")
+GRADIENT_IMPORTANCES = ("taylor", "vectorize", "param_mix", "mix")  # the ones scored from calibration gradients
+AGGREGATES = ("sum", "prod", "max", "last")  # over a coupled group's member tensors (LLM-Pruner's options)
 SIMILARITIES = ("cosine", "euclidean", "manhattan")
 CALIB_DTYPES = ("float32", "bfloat16", "auto")
 ATTENTION_MODES = ("query", "kv")
@@ -97,6 +99,17 @@ def ladder_for(deploy_target: str, attention: str) -> str:
             f"serve without padding; {deploy_target} prunes attention by merging KV heads and removing whole "
             f"attention sub-layers instead. Leave --attention at its default (query)")
     return ladders[attention]
+
+
+def float_pair(text: str) -> list[float]:
+    """argparse type of two comma-separated numbers (``0.3,0.7``)."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers like 0.3,0.7, got '{text}'") from err
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers like 0.3,0.7, got '{text}'")
+    return values
 
 
 def parse_layers(text: str) -> list[int]:
@@ -181,7 +194,9 @@ class PruneSettings:
         "incremental", choices=LAYER_UPDATES,
         help="per-layer sparsity at each sub-step: move it by the step's increment minus A*I_j, as the authors' "
         "code does (default), or set it to S_cur - A*I_j (the paper's Eq. 6)")
-    importance: str = setting("taylor", choices=IMPORTANCES, help="group saliency (default taylor = |dL/dW * W|)")
+    importance: str = setting("taylor", choices=IMPORTANCES,
+                              help="group saliency (default taylor = |dL/dW * W|; mix = AdaPruner's Eq. 5, "
+                              "--mix-alpha a1,a2 and --mix-scale s: a1*vectorize + a2*s*param_mix)")
     similarity: str = setting("cosine", choices=SIMILARITIES,
                               help="layer importance from the similarity of each layer's input and output")
     attention: str = setting("query", choices=ATTENTION_MODES,
@@ -220,6 +235,14 @@ class PruneSettings:
     layers: str | None = setting(None, help="decoder layers to prune, 0-based: A-B (inclusive) or a list like "
                                  "0,3,5-9; the other layers stay untouched and the listed ones absorb the whole "
                                  "parameter target (default: all; AdaPruner prunes 4-29 of LLaMA-7B's 32)")
+    aggregate: str = setting("sum", choices=AGGREGATES,
+                             help="how a coupled group's score combines its member tensors' scores (LLM-Pruner's "
+                             "options): sum (default), prod, max, or last (o_proj / v_proj / down_proj)")
+    mix_alpha: list[float] = setting(default_factory=lambda: [1.0, 1.0], type=float_pair, metavar="A1,A2",
+                                     help="--importance mix: weights of the vector (coarse) and element-wise (fine) "
+                                     "Taylor terms, each >= 0, not both 0 (default 1,1)")
+    mix_scale: float = setting(1.0, above=0.0, help="--importance mix: alignment factor s multiplying the "
+                               "element-wise term (default 1)")
 
     def validate(self) -> None:
         """Raise UsageError naming the flag for any out-of-range setting."""
@@ -227,6 +250,13 @@ class PruneSettings:
         ladder_for(self.deploy_target, self.attention)
         if self.layers is not None:
             parse_layers(self.layers)
+        if len(self.mix_alpha) != 2 or min(self.mix_alpha) < 0 or max(self.mix_alpha) <= 0:
+            raise UsageError(f"--mix-alpha takes two weights a1,a2 >= 0, not both 0; got {self.mix_alpha}")
+
+    @property
+    def mix(self) -> tuple[float, float, float]:
+        """(α1, α2, s) of --importance mix."""
+        return float(self.mix_alpha[0]), float(self.mix_alpha[1]), float(self.mix_scale)
 
     @property
     def ladder(self) -> str:
@@ -248,6 +278,11 @@ class PruneRunSettings(CommandSettings):
     size: SizeSettings = nested(SizeSettings)
     prune: PruneSettings = nested(PruneSettings)
     calib: CalibSettings = nested(CalibSettings)
+    calib_indices: str | None = setting(None, metavar="FILE",
+                                        help="JSON list of calibration windows to use instead of a random draw: "
+                                        "indices of the --calib-seq-len windows of --calib-data's search pool (its "
+                                        "train split without the validation tail; docs/search.md); the count "
+                                        "replaces --calib-samples")
     eval_tokens: int = setting(8192, minimum=0,
                                help="held-out tokens for before/after perplexity in the report (0 = skip)")
     overwrite: bool = setting(False, math=False, help="replace a non-empty --output folder")
@@ -257,6 +292,15 @@ class PruneRunSettings(CommandSettings):
                            "safetensors shards (models larger than memory; the same result, no end-of-run bench); "
                            "none: the whole model in memory; auto (default): layer when the model would take more "
                            "than half of the available memory")
+
+    def validate(self) -> None:
+        """UsageError for settings that cannot work together, before anything is loaded."""
+        super().validate()
+        if self.calib_indices is not None and self.calib_resample:
+            raise UsageError("--calib-resample draws fresh random windows every sub-step; --calib-indices fixes "
+                             "them. Use one of the two")
+        if self.calib_indices is not None and self.calib_samples != CalibSettings.calib_samples:
+            raise UsageError("--calib-indices sets the calibration windows (and their count); drop --calib-samples")
 
 
 @dataclass
@@ -343,6 +387,8 @@ class AccelConfig(CommandSettings):
              "--fsdp shards parameters as DTensors; use --optimizer auto or torch-foreach with it"),
             (self.saliency != "train" or self.importance == "taylor",
              "--saliency train accumulates the taylor score |w*g|; use --importance taylor with it"),
+            (self.saliency != "train" or self.aggregate == "sum",
+             "--saliency train sums |w*g| over each group inside the optimizer step; use --aggregate sum with it"),
             (self.warmup + self.decay <= 1.0,
              f"--warmup {self.warmup} plus --decay {self.decay} exceed 1: the two ramps would overlap"),
             (self.min_lr <= self.lr, f"--min-lr {self.min_lr} is above --lr {self.lr}; lower --min-lr"),

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .adapters import DecoderAdapter, count_params
 from .args import EvalSettings, PruneRunSettings
-from .data import load_text, sample_windows, tokenize_text
+from .data import load_text, pool_windows, read_calib_indices, sample_windows, select_windows, tokenize_text
 from .devices import resolve_device
 from .dtypes import parse_dtype
 from .evaluate import perplexity
@@ -79,9 +79,14 @@ def _prune_with_progress(pruner: AdaptPruner, target: int, steps: int, calib: to
 
 def _report_settings(cfg: PruneRunSettings) -> dict:
     """The `settings` block of the prune report (the names and order it has always had)."""
-    return {**asdict(cfg.prune), "calib_samples": cfg.calib_samples, "calib_seq_len": cfg.calib_seq_len,
-            "calib_data": cfg.calib_data or "pydoc (built-in, train split)", "sparsity": cfg.sparsity,
-            "target_params": cfg.target_params, "dtype": cfg.dtype, "device": cfg.device}
+    settings = {**asdict(cfg.prune), "calib_samples": cfg.calib_samples, "calib_seq_len": cfg.calib_seq_len,
+                "calib_data": cfg.calib_data or "pydoc (built-in, train split)", "sparsity": cfg.sparsity,
+                "target_params": cfg.target_params, "dtype": cfg.dtype, "device": cfg.device}
+    if cfg.calib_indices is not None:  # the windows, not the file name: the report alone says what was used
+        settings.update(calib_indices=read_calib_indices(cfg.calib_indices),
+                        calib_data=cfg.calib_data or "pydoc (built-in, search pool split)")
+        settings["calib_samples"] = len(settings["calib_indices"])
+    return settings
 
 
 def run_prune(cfg: PruneRunSettings) -> RunReport:
@@ -96,7 +101,10 @@ def run_prune(cfg: PruneRunSettings) -> RunReport:
     model, tokenizer, streamed = _load_for_pruning(cfg, offload)
     adapter = DecoderAdapter(model)
     calib, sampler = None, None
-    if cfg.prune.needs_calibration:
+    if cfg.prune.needs_calibration and cfg.calib_indices is not None:
+        pool = tokenize_text(tokenizer, load_text(cfg.calib_data, "pool"))
+        calib = select_windows(pool_windows(pool, cfg.calib_seq_len), read_calib_indices(cfg.calib_indices))
+    elif cfg.prune.needs_calibration:
         ids = tokenize_text(tokenizer, load_text(cfg.calib_data, "train"))
         calib = sample_windows(ids, cfg.calib_samples, cfg.calib_seq_len, seed=cfg.seed)
 

@@ -137,7 +137,8 @@ class AdaptPruner:
         inputs when the compensation statistics are to be gathered layer by layer at the cut instead of by
         ``observers``)."""
         s = self.settings
-        opts = CalibPass(s.calib_batch_size, similarity, saliency_metric, s.calib_dtype, s.calib_micro_batch)
+        opts = CalibPass(s.calib_batch_size, similarity, saliency_metric, s.calib_dtype, s.calib_micro_batch,
+                         s.aggregate, s.mix if s.importance == "mix" else None)
         if self.streamed is not None:
             replay = s.compensate != "none" and not observers  # statistics gathered per layer at the cut
             return streamed_calibration_pass(self.streamed, self.calib_ids, opts, progress, observers=observers,

@@ -16,13 +16,16 @@ FIXTURE = Path(__file__).parent / "data" / "cli_flags.json"
 # Flags added since the fixture was captured: issue 11 (accel prints the measured speedup unless --no-bench),
 # issue 12 (bench in a serving engine), issue 13 (calibration micro-batches and dtype), issue 18 (quality levers;
 # accel takes only the layer-importance scale), issue 12 part 2 (prune for the engine that will serve the model),
-# issue 17 (AdaPruner: prune only some layers).
+# issue 17 (AdaPruner: prune only some layers, Eq. 5's metric blend, the aggregation over a group's members, the
+# calibration windows a search chose).
 CALIB = {"--calib-micro-batch", "--calib-dtype", "--importance-scale"}
 QUALITY = {"--compensate", "--compensate-damp", "--calib-resample"}
 DEPLOY = {"--deploy-target", "--kv-merge"}
-ADAPRUNER = {"--layers"}
-ADDED = {"prune": CALIB | QUALITY | DEPLOY | ADAPRUNER | {"--offload"}, "eval": set(),
+ADAPRUNER = {"--layers", "--aggregate", "--mix-alpha", "--mix-scale"}
+ADDED = {"prune": CALIB | QUALITY | DEPLOY | ADAPRUNER | {"--offload", "--calib-indices"}, "eval": set(),
          "bench": {"--engine", "--concurrency"}, "accel": {"--no-bench"} | CALIB | DEPLOY | ADAPRUNER}
+# Choices added to existing flags since the fixture (appended, so the old ones keep their order): issue 17's blend.
+ADDED_CHOICES = {"--importance": ["mix"]}
 
 
 def _current() -> dict:
@@ -41,6 +44,8 @@ def test_flags_defaults_and_choices_are_unchanged(command):
     for flag, fields in before["flags"].items():
         for key, value in fields.items():
             got = now["flags"][flag][key]
+            if key == "choices" and flag in ADDED_CHOICES:
+                value = value + ADDED_CHOICES[flag]
             assert got == value, f"{command} {flag}: {key} was {value!r}, now {got!r}"
     assert now["exclusive"] == before["exclusive"]
     assert now["exclusive_required"] == before["exclusive_required"]
