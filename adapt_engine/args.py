@@ -48,6 +48,11 @@ COMPENSATIONS = ("none", "bias", "lstsq")
 IMPORTANCE_SCALES = ("max", "robust", "rank")
 OFFLOAD_MODES = ("auto", "none", "layer")
 
+# Choices of search.
+SAMPLERS = ("tpe", "random")
+# The prune settings a search trial chooses (so they are no flags of `search`).
+SEARCHED = ("importance", "mix_alpha", "mix_scale", "aggregate")
+
 # Choices of accel.
 SALIENCY_SOURCES = ("calib", "train")
 AUTOCAST_MODES = ("auto", "bf16", "none")
@@ -278,6 +283,10 @@ class PruneRunSettings(CommandSettings):
     size: SizeSettings = nested(SizeSettings)
     prune: PruneSettings = nested(PruneSettings)
     calib: CalibSettings = nested(CalibSettings)
+    from_search: str | None = setting(None, metavar="BEST_JSON",
+                                      help="prune with the settings of a search's best trial (its calibration "
+                                      "windows, metric blend, aggregation and fixed prune flags); --steps and the "
+                                      "size stay yours (docs/search.md)")
     calib_indices: str | None = setting(None, metavar="FILE",
                                         help="JSON list of calibration windows to use instead of a random draw: "
                                         "indices of the --calib-seq-len windows of --calib-data's search pool (its "
@@ -301,6 +310,47 @@ class PruneRunSettings(CommandSettings):
                              "them. Use one of the two")
         if self.calib_indices is not None and self.calib_samples != CalibSettings.calib_samples:
             raise UsageError("--calib-indices sets the calibration windows (and their count); drop --calib-samples")
+
+
+@dataclass
+class SearchSettings(CommandSettings):
+    """Everything `adapt-engine search` can be told (AdaPruner: Bayesian search over calibration windows and the
+    importance blend; docs/search.md)."""
+
+    output: str = setting(math=False, help="folder for study.db (default storage), best.json and search.png")
+    loading: ModelSettings = nested(ModelSettings)
+    size: SizeSettings = nested(SizeSettings)
+    trials: int = setting(150, minimum=1, help="completed trials the study should hold (AdaPruner: < 150)")
+    sampler: str = setting("tpe", choices=SAMPLERS, help="Optuna sampler: tpe (Bayesian, default) or random")
+    calib_pool: str | None = setting(None, help="text whose search-pool split the calibration windows are picked "
+                                     "from (default: built-in text; docs/search.md has the splits)")
+    calib_k: int = setting(10, minimum=1, help="calibration windows per trial (AdaPruner: 10)")
+    calib_seq_len: int = setting(128, minimum=2, help="tokens per calibration window (AdaPruner: 128)")
+    objective_data: str | None = setting(None, help="validation text of the objective, used whole (default: the "
+                                         "validation split of --calib-pool, never the held-out split)")
+    objective_tokens: int = setting(4096, minimum=2, help="validation tokens the objective perplexity is taken over")
+    storage: str | None = setting(None, math=False, help="Optuna RDB storage URL (default sqlite:///OUTPUT/study.db; "
+                                  "a postgresql:// or mysql:// URL lets many machines share one study)")
+    study_name: str = setting("adapt-engine-search", math=False, help="study name inside --storage")
+    resume: bool = setting(False, math=False, help="continue the study in --storage (also how further processes "
+                           "join a running search)")
+    overwrite: bool = setting(False, math=False, help="delete the study of the same name and start afresh")
+    # The trial's other prune settings are fixed flags; steps default to 1 for search speed.
+    prune: PruneSettings = nested(lambda: PruneSettings(steps=1), exclude=(*SEARCHED, "calib_resample"))
+
+    def validate(self) -> None:
+        """UsageError for settings that cannot work together, before anything is loaded."""
+        super().validate()
+        if self.resume and self.overwrite:
+            raise UsageError("--resume continues the stored study and --overwrite deletes it; use one of the two")
+        if self.objective_data is not None and self.objective_data == (self.calib_pool or "pydoc"):
+            raise UsageError("--objective-data is the --calib-pool text; leave it out to score on the pool's own "
+                             "validation split, or pass other text")
+
+    @property
+    def storage_url(self) -> str:
+        """--storage, or the SQLite file in --output."""
+        return self.storage or f"sqlite:///{(Path(self.output).expanduser().absolute() / 'study.db').as_posix()}"
 
 
 @dataclass

@@ -92,6 +92,10 @@ def _report_settings(cfg: PruneRunSettings) -> dict:
 def run_prune(cfg: PruneRunSettings) -> RunReport:
     """Check, load, calibrate, prune in T sub-steps, save, report (and bench unless --no-bench)."""
     t_start = time.perf_counter()
+    if cfg.from_search is not None:
+        from .search import apply_search_result
+
+        cfg = apply_search_result(cfg)
     cfg.validate()
     check_output(cfg.output, overwrite=cfg.overwrite, model=cfg.model, dtype=cfg.dtype)
     torch.manual_seed(cfg.seed)
@@ -112,6 +116,11 @@ def run_prune(cfg: PruneRunSettings) -> RunReport:
             # --calib-resample: sub-step i draws with seed + i, fresh windows that are still reproducible.
             return sample_windows(ids, cfg.calib_samples, cfg.calib_seq_len, seed=cfg.seed + step)
     eval_ids = heldout_ids(tokenizer, None, cfg.calib_data)[: cfg.eval_tokens] if cfg.eval_tokens > 0 else None
+    search = None
+    if cfg.from_search is not None:
+        from .search import search_validation
+
+        search = search_validation(cfg, tokenizer)
     before = _heldout_ppl(model, eval_ids, cfg.eval_tokens, streamed)
     scratch = None
     if streamed is not None:  # cut layers are rewritten beside the output (same disk), removed at the end
@@ -119,6 +128,8 @@ def run_prune(cfg: PruneRunSettings) -> RunReport:
         scratch = Path(tempfile.mkdtemp(prefix=".adapt-offload-", dir=Path(cfg.output).absolute().parent))
     try:
         report = _prune_and_report(cfg, model, adapter, streamed, scratch, calib, sampler, eval_ids, before)
+        if search is not None:
+            _add_search_validation(report, cfg, model, streamed, *search)
         report.wall_seconds = time.perf_counter() - t_start
         report.peak_rss_mb = peak_memory_mb(cfg.device)
         finish_run(report, model, tokenizer, cfg.output, dense=cfg.loading, bench=not cfg.no_bench,
@@ -152,6 +163,20 @@ def _prune_and_report(cfg: PruneRunSettings, model, adapter: DecoderAdapter, str
         ppl_tokens=after["tokens"] if after else None, details=details,
     )
     return report
+
+
+def _add_search_validation(report: RunReport, cfg: PruneRunSettings, model, streamed: StreamedModel | None,
+                           val_ids: torch.Tensor, objective: float) -> None:
+    """`--from-search`: the pruned model's perplexity on the search's validation split, beside the best trial's
+    objective (equal when --steps and the size are the search's)."""
+    from .search import objective_ppl
+
+    if streamed is not None:
+        ppl = streamed_perplexity(streamed, val_ids, seq_len=min(512, val_ids.numel()), batch_size=4)["ppl"]
+    else:
+        ppl = objective_ppl(model, val_ids)
+    report.details.update(from_search=str(cfg.from_search), search_objective=objective, validation_ppl=ppl)
+    print(f"validation perplexity {ppl:.4f} (the search's best trial: {objective:.4f})", file=sys.stderr)
 
 
 def run_eval(cfg: EvalSettings) -> dict:

@@ -151,6 +151,14 @@ def load_text(spec: str | None, split: str = "train") -> str:
     return "\n\n".join(load_documents(spec, split))
 
 
+def objective_text(objective_data: str | None, calib_pool: str | None) -> str:
+    """A search's validation text: all of ``objective_data``, or else the validation split of the pool's text
+    (neither the calibration pool nor the held-out split)."""
+    if objective_data is not None:
+        return load_text(objective_data, "all")
+    return load_text(calib_pool, "validation")
+
+
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     """One long 1-D stream of token ids (no special tokens; documents are already joined)."""
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]

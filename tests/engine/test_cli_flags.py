@@ -22,8 +22,8 @@ CALIB = {"--calib-micro-batch", "--calib-dtype", "--importance-scale"}
 QUALITY = {"--compensate", "--compensate-damp", "--calib-resample"}
 DEPLOY = {"--deploy-target", "--kv-merge"}
 ADAPRUNER = {"--layers", "--aggregate", "--mix-alpha", "--mix-scale"}
-ADDED = {"prune": CALIB | QUALITY | DEPLOY | ADAPRUNER | {"--offload", "--calib-indices"}, "eval": set(),
-         "bench": {"--engine", "--concurrency"}, "accel": {"--no-bench"} | CALIB | DEPLOY | ADAPRUNER}
+ADDED = {"prune": CALIB | QUALITY | DEPLOY | ADAPRUNER | {"--offload", "--calib-indices", "--from-search"},
+         "eval": set(), "bench": {"--engine", "--concurrency"}, "accel": {"--no-bench"} | CALIB | DEPLOY | ADAPRUNER}
 # Choices added to existing flags since the fixture (appended, so the old ones keep their order): issue 17's blend.
 ADDED_CHOICES = {"--importance": ["mix"]}
 
@@ -55,3 +55,20 @@ def test_every_flag_has_help():
     for name, command in command_spec(build_parser()).items():
         for flag, fields in command["flags"].items():
             assert fields["help"], f"{name} {flag} has no help text"
+
+
+def test_search_flags():
+    """`search` (issue 17) has its own flags plus every prune knob a trial does not choose (steps default 1)."""
+    flags = _current()["search"]["flags"]
+    own = {"--output", "--model", "--device", "--dtype", "--sparsity", "--target-params", "--trials", "--sampler",
+           "--calib-pool", "--calib-k", "--calib-seq-len", "--objective-data", "--objective-tokens", "--storage",
+           "--study-name", "--resume", "--overwrite"}
+    prune = set(_current()["prune"]["flags"])
+    chosen = {"--importance", "--mix-alpha", "--mix-scale", "--aggregate", "--calib-resample"}
+    prune_only = {"--output", "--overwrite", "--no-bench", "--offload", "--eval-tokens", "--calib-data",
+                  "--calib-samples", "--calib-seq-len", "--calib-indices", "--from-search", "--model", "--device",
+                  "--dtype", "--sparsity", "--target-params"}
+    assert set(flags) == own | (prune - chosen - prune_only)
+    assert flags["--steps"]["default"] == 1 and flags["--trials"]["default"] == 150
+    assert flags["--calib-k"]["default"] == 10 and flags["--calib-seq-len"]["default"] == 128
+    assert flags["--objective-tokens"]["default"] == 4096 and flags["--sampler"]["choices"] == ["tpe", "random"]
