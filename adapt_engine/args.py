@@ -335,6 +335,9 @@ class SearchSettings(CommandSettings):
     resume: bool = setting(False, math=False, help="continue the study in --storage (also how further processes "
                            "join a running search)")
     overwrite: bool = setting(False, math=False, help="delete the study of the same name and start afresh")
+    threads: int | None = setting(None, minimum=1, math=False,
+                                  help="torch intra-op threads; on a machine whose cores are busy, fewer threads can "
+                                  "be much faster")
     # The trial's other prune settings are fixed flags; steps default to 1 for search speed.
     prune: PruneSettings = nested(lambda: PruneSettings(steps=1), exclude=(*SEARCHED, "calib_resample"))
 

@@ -264,6 +264,8 @@ def run_search(cfg: SearchSettings) -> dict | None:
 
     cfg.validate()
     _check_output(cfg)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     study = _open_study(cfg)
     remaining = cfg.trials - len(complete_trials(study))
     if remaining > 0:

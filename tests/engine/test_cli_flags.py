@@ -62,7 +62,7 @@ def test_search_flags():
     flags = _current()["search"]["flags"]
     own = {"--output", "--model", "--device", "--dtype", "--sparsity", "--target-params", "--trials", "--sampler",
            "--calib-pool", "--calib-k", "--calib-seq-len", "--objective-data", "--objective-tokens", "--storage",
-           "--study-name", "--resume", "--overwrite"}
+           "--study-name", "--resume", "--overwrite", "--threads"}
     prune = set(_current()["prune"]["flags"])
     chosen = {"--importance", "--mix-alpha", "--mix-scale", "--aggregate", "--calib-resample"}
     prune_only = {"--output", "--overwrite", "--no-bench", "--offload", "--eval-tokens", "--calib-data",
