@@ -58,12 +58,13 @@ def apportion_mlp(
     original: list[int],
     total_keep: int,
     round_to: int,
+    frozen: frozenset[int] = frozenset(),
 ) -> list[int]:
     """Integer MLP widths near ``original − desired_removed`` that sum as closely as possible to
     ``total_keep``, never wider than ``current`` (pruning is monotone) and at least ``round_to``
-    (or 1) channels per layer."""
+    (or 1) channels per layer; the ``frozen`` layers keep their current width."""
     step = max(round_to, 1)
-    floor_w = [min(c, step) for c in current]
+    floor_w = [c if j in frozen else min(c, step) for j, c in enumerate(current)]
     widths = [
         min(c, max(f, _snap(int(round(o - d)), round_to, o)))
         for d, c, o, f in zip(desired_removed, current, original, floor_w)
@@ -132,13 +133,15 @@ def plan_budgets(
     round_to: int = 1,
     costs: list[LayerCosts] | None = None,
     sparsity: torch.Tensor | None = None,
+    frozen: frozenset[int] = frozenset(),
 ) -> tuple[list[LayerBudget], torch.Tensor]:
     """Per-layer widths for one sub-step that bring the prunable parameters to ``target_prunable``.
 
     ``mode`` is the attention ladder (``attention_ladder``). With ``costs`` (saliency split), each layer goes
     down its ladder only where the attention saliency lost is lower than that of the MLP channels it spares;
     without, attention takes its proportional share. ``sparsity`` overrides the per-layer targets (else Eq. 6
-    from ``importance`` and ``amplitude``). Returns the budgets and the per-layer sparsities ``S_j``.
+    from ``importance`` and ``amplitude``). The ``frozen`` layers (``--layers`` left them out) keep their current
+    widths, so the others absorb the whole target. Returns the budgets and the per-layer sparsities ``S_j``.
     """
     n = len(adapter.layers)
     current = adapter.shapes()
@@ -161,7 +164,9 @@ def plan_budgets(
         ladder = ladders[j]
         removed = {r: removed_at(j, r) for r in ladder}
         want_removed = float(sparsity[j]) * orig_layer_params[j]
-        if costs is not None:
+        if j in frozen:
+            keep = ladder[0]  # the current rung: a frozen layer is left as it is
+        elif costs is not None:
             keep = _cheapest_rung(costs[j], ladder, removed, want_removed,
                                   original[j].intermediate_size - current[j].intermediate_size,
                                   adapter.params_per_channel(j), current[j].intermediate_size)
@@ -185,7 +190,7 @@ def plan_budgets(
         desired = [
             max(0.0, (float(sparsity[j]) * orig_layer_params[j] - attn_removed[j]) / chan[j]) for j in range(n)
         ]
-        return apportion_mlp(desired, cur_mlp, orig_mlp, total_keep, round_to)
+        return apportion_mlp(desired, cur_mlp, orig_mlp, total_keep, round_to, frozen)
 
     widths = mlp_plan()
     # If MLP alone cannot reach the target (every layer at its floor), take the next rung of attention from the
@@ -193,7 +198,7 @@ def plan_budgets(
     while _prunable_after(adapter, original, units_keep, widths, mode) > target_prunable + max(chan) * max(
         round_to, 1
     ):
-        order = sorted(range(n), key=lambda j: -float(sparsity[j]))
+        order = sorted((j for j in range(n) if j not in frozen), key=lambda j: -float(sparsity[j]))
         for j in order:
             i = ladders[j].index(units_keep[j])
             if i + 1 < len(ladders[j]):

@@ -9,6 +9,7 @@ engine is loaded anyway.
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,9 @@ DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", 
 # Choices of the pruning settings (each module that implements them validates against these).
 ALLOCATIONS = ("adaptive", "uniform")
 LAYER_UPDATES = ("incremental", "absolute")
-IMPORTANCES = ("taylor", "magnitude", "random", "vectorize", "param_mix")
-GRADIENT_IMPORTANCES = ("taylor", "vectorize", "param_mix")  # the ones scored from calibration gradients
+IMPORTANCES = ("taylor", "magnitude", "random", "vectorize", "param_mix", "mix")
+GRADIENT_IMPORTANCES = ("taylor", "vectorize", "param_mix", "mix")  # the ones scored from calibration gradients
+AGGREGATES = ("sum", "prod", "max", "last")  # over a coupled group's member tensors (LLM-Pruner's options)
 SIMILARITIES = ("cosine", "euclidean", "manhattan")
 CALIB_DTYPES = ("float32", "bfloat16", "auto")
 FP32_MATMULS = ("auto", "ieee", "bf16")  # precision.py: how float32 calibration matmuls are computed on CPU
@@ -47,6 +49,11 @@ COMPENSATIONS = ("none", "bias", "lstsq")
 IMPORTANCE_SCALES = ("max", "robust", "rank")
 MLP_SELECTS = ("saliency", "obs")  # which MLP channels a layer keeps at its planned width
 OFFLOAD_MODES = ("auto", "none", "layer")
+
+# Choices of search.
+SAMPLERS = ("tpe", "random")
+# The prune settings a search trial chooses (so they are no flags of `search`).
+SEARCHED = ("importance", "mix_alpha", "mix_scale", "aggregate")
 
 # Choices of accel.
 SALIENCY_SOURCES = ("calib", "train")
@@ -99,6 +106,34 @@ def ladder_for(deploy_target: str, attention: str) -> str:
             f"serve without padding; {deploy_target} prunes attention by merging KV heads and removing whole "
             f"attention sub-layers instead. Leave --attention at its default (query)")
     return ladders[attention]
+
+
+def float_pair(text: str) -> list[float]:
+    """argparse type of two comma-separated numbers (``0.3,0.7``)."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers like 0.3,0.7, got '{text}'") from err
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers like 0.3,0.7, got '{text}'")
+    return values
+
+
+def parse_layers(text: str) -> list[int]:
+    """Sorted 0-based decoder-layer indices of a ``--layers`` spec: ``A-B`` (inclusive), ``A,B,C`` or a mix
+    (``0,4-7``); UsageError naming the flag for anything else."""
+    chosen: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        lo, dash, hi = part.partition("-")
+        try:
+            first, last = (int(lo), int(hi)) if dash else (int(part), int(part))
+        except ValueError:
+            raise UsageError(f"--layers takes 0-based layer indices like 4-29 or 0,2,5-9, got '{text}'") from None
+        if first < 0 or last < first:
+            raise UsageError(f"--layers range '{part}' must be A-B with 0 <= A <= B (0-based, inclusive)")
+        chosen.update(range(first, last + 1))
+    return sorted(chosen)
 
 
 def _check_device(name: str) -> None:
@@ -166,7 +201,9 @@ class PruneSettings:
         "incremental", choices=LAYER_UPDATES,
         help="per-layer sparsity at each sub-step: move it by the step's increment minus A*I_j, as the authors' "
         "code does (default), or set it to S_cur - A*I_j (the paper's Eq. 6)")
-    importance: str = setting("taylor", choices=IMPORTANCES, help="group saliency (default taylor = |dL/dW * W|)")
+    importance: str = setting("taylor", choices=IMPORTANCES,
+                              help="group saliency (default taylor = |dL/dW * W|; mix = AdaPruner's Eq. 5, "
+                              "--mix-alpha a1,a2 and --mix-scale s: a1*vectorize + a2*s*param_mix)")
     similarity: str = setting("cosine", choices=SIMILARITIES,
                               help="layer importance from the similarity of each layer's input and output")
     attention: str = setting("query", choices=ATTENTION_MODES,
@@ -210,6 +247,17 @@ class PruneSettings:
                               "(saliency), or those whose removal with the lstsq refit of the rest costs least "
                               "output error on the calibration activations (obs: greedy structured OBS; needs "
                               "--compensate lstsq)")
+    layers: str | None = setting(None, help="decoder layers to prune, 0-based: A-B (inclusive) or a list like "
+                                 "0,3,5-9; the other layers stay untouched and the listed ones absorb the whole "
+                                 "parameter target (default: all; AdaPruner prunes 4-29 of LLaMA-7B's 32)")
+    aggregate: str = setting("sum", choices=AGGREGATES,
+                             help="how a coupled group's score combines its member tensors' scores (LLM-Pruner's "
+                             "options): sum (default), prod, max, or last (o_proj / v_proj / down_proj)")
+    mix_alpha: list[float] = setting(default_factory=lambda: [1.0, 1.0], type=float_pair, metavar="A1,A2",
+                                     help="--importance mix: weights of the vector (coarse) and element-wise (fine) "
+                                     "Taylor terms, each >= 0, not both 0 (default 1,1)")
+    mix_scale: float = setting(1.0, above=0.0, help="--importance mix: alignment factor s multiplying the "
+                               "element-wise term (default 1)")
 
     def validate(self) -> None:
         """Raise UsageError naming the flag for any out-of-range setting."""
@@ -218,6 +266,15 @@ class PruneSettings:
         if self.mlp_select == "obs" and self.compensate != "lstsq":
             raise UsageError("--mlp-select obs chooses channels from the lstsq Gram matrices; use it with "
                              "--compensate lstsq (the default)")
+        if self.layers is not None:
+            parse_layers(self.layers)
+        if len(self.mix_alpha) != 2 or min(self.mix_alpha) < 0 or max(self.mix_alpha) <= 0:
+            raise UsageError(f"--mix-alpha takes two weights a1,a2 >= 0, not both 0; got {self.mix_alpha}")
+
+    @property
+    def mix(self) -> tuple[float, float, float]:
+        """(α1, α2, s) of --importance mix."""
+        return float(self.mix_alpha[0]), float(self.mix_alpha[1]), float(self.mix_scale)
 
     @property
     def ladder(self) -> str:
@@ -239,6 +296,15 @@ class PruneRunSettings(CommandSettings):
     size: SizeSettings = nested(SizeSettings)
     prune: PruneSettings = nested(PruneSettings)
     calib: CalibSettings = nested(CalibSettings)
+    from_search: str | None = setting(None, metavar="BEST_JSON",
+                                      help="prune with the settings of a search's best trial (its calibration "
+                                      "windows, metric blend, aggregation and fixed prune flags); --steps and the "
+                                      "size stay yours (docs/search.md)")
+    calib_indices: str | None = setting(None, metavar="FILE",
+                                        help="JSON list of calibration windows to use instead of a random draw: "
+                                        "indices of the --calib-seq-len windows of --calib-data's search pool (its "
+                                        "train split without the validation tail; docs/search.md); the count "
+                                        "replaces --calib-samples")
     eval_tokens: int = setting(8192, minimum=0,
                                help="held-out tokens for before/after perplexity in the report (0 = skip)")
     overwrite: bool = setting(False, math=False, help="replace a non-empty --output folder")
@@ -248,6 +314,59 @@ class PruneRunSettings(CommandSettings):
                            "safetensors shards (models larger than memory; the same result, no end-of-run bench); "
                            "none: the whole model in memory; auto (default): layer when the model would take more "
                            "than half of the available memory")
+
+    def validate(self) -> None:
+        """UsageError for settings that cannot work together, before anything is loaded."""
+        super().validate()
+        if self.calib_indices is not None and self.calib_resample:
+            raise UsageError("--calib-resample draws fresh random windows every sub-step; --calib-indices fixes "
+                             "them. Use one of the two")
+        if self.calib_indices is not None and self.calib_samples != CalibSettings.calib_samples:
+            raise UsageError("--calib-indices sets the calibration windows (and their count); drop --calib-samples")
+
+
+@dataclass
+class SearchSettings(CommandSettings):
+    """Everything `adapt-engine search` can be told (AdaPruner: Bayesian search over calibration windows and the
+    importance blend; docs/search.md)."""
+
+    output: str = setting(math=False, help="folder for study.db (default storage), best.json and search.png")
+    loading: ModelSettings = nested(ModelSettings)
+    size: SizeSettings = nested(SizeSettings)
+    trials: int = setting(150, minimum=1, help="completed trials the study should hold (AdaPruner: < 150)")
+    sampler: str = setting("tpe", choices=SAMPLERS, help="Optuna sampler: tpe (Bayesian, default) or random")
+    calib_pool: str | None = setting(None, help="text whose search-pool split the calibration windows are picked "
+                                     "from (default: built-in text; docs/search.md has the splits)")
+    calib_k: int = setting(10, minimum=1, help="calibration windows per trial (AdaPruner: 10)")
+    calib_seq_len: int = setting(128, minimum=2, help="tokens per calibration window (AdaPruner: 128)")
+    objective_data: str | None = setting(None, help="validation text of the objective, used whole (default: the "
+                                         "validation split of --calib-pool, never the held-out split)")
+    objective_tokens: int = setting(4096, minimum=2, help="validation tokens the objective perplexity is taken over")
+    storage: str | None = setting(None, math=False, help="Optuna RDB storage URL (default sqlite:///OUTPUT/study.db; "
+                                  "a postgresql:// or mysql:// URL lets many machines share one study)")
+    study_name: str = setting("adapt-engine-search", math=False, help="study name inside --storage")
+    resume: bool = setting(False, math=False, help="continue the study in --storage (also how further processes "
+                           "join a running search)")
+    overwrite: bool = setting(False, math=False, help="delete the study of the same name and start afresh")
+    threads: int | None = setting(None, minimum=1, math=False,
+                                  help="torch intra-op threads; on a machine whose cores are busy, fewer threads can "
+                                  "be much faster")
+    # The trial's other prune settings are fixed flags; steps default to 1 for search speed.
+    prune: PruneSettings = nested(lambda: PruneSettings(steps=1), exclude=(*SEARCHED, "calib_resample"))
+
+    def validate(self) -> None:
+        """UsageError for settings that cannot work together, before anything is loaded."""
+        super().validate()
+        if self.resume and self.overwrite:
+            raise UsageError("--resume continues the stored study and --overwrite deletes it; use one of the two")
+        if self.objective_data is not None and self.objective_data == (self.calib_pool or "pydoc"):
+            raise UsageError("--objective-data is the --calib-pool text; leave it out to score on the pool's own "
+                             "validation split, or pass other text")
+
+    @property
+    def storage_url(self) -> str:
+        """--storage, or the SQLite file in --output."""
+        return self.storage or f"sqlite:///{(Path(self.output).expanduser().absolute() / 'study.db').as_posix()}"
 
 
 @dataclass
@@ -334,6 +453,8 @@ class AccelConfig(CommandSettings):
              "--fsdp shards parameters as DTensors; use --optimizer auto or torch-foreach with it"),
             (self.saliency != "train" or self.importance == "taylor",
              "--saliency train accumulates the taylor score |w*g|; use --importance taylor with it"),
+            (self.saliency != "train" or self.aggregate == "sum",
+             "--saliency train sums |w*g| over each group inside the optimizer step; use --aggregate sum with it"),
             (self.warmup + self.decay <= 1.0,
              f"--warmup {self.warmup} plus --decay {self.decay} exceed 1: the two ramps would overlap"),
             (self.min_lr <= self.lr, f"--min-lr {self.min_lr} is above --lr {self.lr}; lower --min-lr"),

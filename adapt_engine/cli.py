@@ -1,4 +1,4 @@
-"""`adapt-engine` command line: prune, eval, bench, accel, export.
+"""`adapt-engine` command line: prune, eval, bench, accel, export, search.
 
 Every flag is generated from the settings dataclasses (``settings.add_flags``); the settings validate
 themselves before any model is loaded. Errors the user can fix (:class:`AdaptEngineError`) are printed as
@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from .args import AccelConfig, BenchSettings, EvalSettings, ExportSettings, PruneRunSettings
+from .args import AccelConfig, BenchSettings, EvalSettings, ExportSettings, PruneRunSettings, SearchSettings
 from .errors import AdaptEngineError
 from .settings import add_flags, from_args
 
@@ -21,6 +21,7 @@ COMMANDS = {
     "bench": (BenchSettings, "latency of dense vs pruned models"),
     "accel": (AccelConfig, "Adapt-Accel: interleaved pruning and training"),
     "export": (ExportSettings, "write a model for vLLM (DeciLM folder) or llama.cpp (GGUF)"),
+    "search": (SearchSettings, "AdaPruner: Bayesian search (Optuna) over calibration windows and importance blends"),
 }
 # Where each command's run function lives. Imported only once the flags are parsed and valid: the engine
 # modules import torch (~0.8 s here), which --help and a mistyped flag should not wait for.
@@ -30,6 +31,7 @@ RUNNERS = {
     "bench": ("bench", "run_bench"),
     "accel": ("accel", "run_accel"),
     "export": ("export", "run_export"),
+    "search": ("search", "run_search"),
 }
 
 

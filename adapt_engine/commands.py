@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .adapters import DecoderAdapter, count_params
 from .args import EvalSettings, PruneRunSettings
-from .data import load_text, sample_windows, tokenize_text
+from .data import load_text, pool_windows, read_calib_indices, sample_windows, select_windows, tokenize_text
 from .devices import resolve_device
 from .distributed import Dist, calibration_share, setup_distributed
 from .dtypes import parse_dtype
@@ -81,9 +81,14 @@ def _prune_with_progress(pruner: AdaptPruner, target: int, steps: int, calib: to
 
 def _report_settings(cfg: PruneRunSettings) -> dict:
     """The `settings` block of the prune report (the names and order it has always had)."""
-    return {**asdict(cfg.prune), "calib_samples": cfg.calib_samples, "calib_seq_len": cfg.calib_seq_len,
-            "calib_data": cfg.calib_data or "pydoc (built-in, train split)", "sparsity": cfg.sparsity,
-            "target_params": cfg.target_params, "dtype": cfg.dtype, "device": cfg.device}
+    settings = {**asdict(cfg.prune), "calib_samples": cfg.calib_samples, "calib_seq_len": cfg.calib_seq_len,
+                "calib_data": cfg.calib_data or "pydoc (built-in, train split)", "sparsity": cfg.sparsity,
+                "target_params": cfg.target_params, "dtype": cfg.dtype, "device": cfg.device}
+    if cfg.calib_indices is not None:  # the windows, not the file name: the report alone says what was used
+        settings.update(calib_indices=read_calib_indices(cfg.calib_indices),
+                        calib_data=cfg.calib_data or "pydoc (built-in, search pool split)")
+        settings["calib_samples"] = len(settings["calib_indices"])
+    return settings
 
 
 def run_prune(cfg: PruneRunSettings) -> RunReport:
@@ -92,6 +97,10 @@ def run_prune(cfg: PruneRunSettings) -> RunReport:
     Under torchrun every rank scores its share of the calibration batches and the scores are summed
     (``AdaptPruner`` all-reduces them), so every rank makes the same plan; rank 0 evaluates and saves."""
     t_start = time.perf_counter()
+    if cfg.from_search is not None:
+        from .search import apply_search_result
+
+        cfg = apply_search_result(cfg)
     cfg.validate()
     check_output(cfg.output, overwrite=cfg.overwrite, model=cfg.model, dtype=cfg.dtype)
     torch.manual_seed(cfg.seed)
@@ -112,7 +121,11 @@ def _run_prune(cfg: PruneRunSettings, d: Dist, t_start: float) -> RunReport:
     model, tokenizer, streamed = _load_for_pruning(cfg, offload, d.device)
     adapter = DecoderAdapter(model)
     calib, sampler = None, None
-    if cfg.prune.needs_calibration:
+    if cfg.prune.needs_calibration and cfg.calib_indices is not None:
+        pool = tokenize_text(tokenizer, load_text(cfg.calib_data, "pool"))
+        calib = calibration_share(select_windows(pool_windows(pool, cfg.calib_seq_len),
+                                                 read_calib_indices(cfg.calib_indices)), cfg.prune.calib_batch_size, d)
+    elif cfg.prune.needs_calibration:
         ids = tokenize_text(tokenizer, load_text(cfg.calib_data, "train"))
         calib = calibration_share(sample_windows(ids, cfg.calib_samples, cfg.calib_seq_len, seed=cfg.seed),
                                   cfg.prune.calib_batch_size, d)
@@ -124,6 +137,11 @@ def _run_prune(cfg: PruneRunSettings, d: Dist, t_start: float) -> RunReport:
     eval_ids = None
     if cfg.eval_tokens > 0 and d.main:  # the other ranks would only repeat rank 0's evaluation
         eval_ids = heldout_ids(tokenizer, None, cfg.calib_data)[: cfg.eval_tokens]
+    search = None
+    if cfg.from_search is not None and d.main:
+        from .search import search_validation
+
+        search = search_validation(cfg, tokenizer)
     before = _heldout_ppl(model, eval_ids, cfg.eval_tokens, streamed)
     scratch = None
     if streamed is not None:  # cut layers are rewritten beside the output (same disk), removed at the end
@@ -131,6 +149,8 @@ def _run_prune(cfg: PruneRunSettings, d: Dist, t_start: float) -> RunReport:
         scratch = Path(tempfile.mkdtemp(prefix=".adapt-offload-", dir=Path(cfg.output).absolute().parent))
     try:
         report = _prune_and_report(cfg, model, adapter, streamed, scratch, calib, sampler, eval_ids, before, d.main)
+        if search is not None:
+            _add_search_validation(report, cfg, model, streamed, *search)
         report.wall_seconds = time.perf_counter() - t_start
         report.peak_rss_mb = peak_memory_mb(cfg.device)
         if d.main:
@@ -167,6 +187,20 @@ def _prune_and_report(cfg: PruneRunSettings, model, adapter: DecoderAdapter, str
         ppl_tokens=after["tokens"] if after else None, details=details,
     )
     return report
+
+
+def _add_search_validation(report: RunReport, cfg: PruneRunSettings, model, streamed: StreamedModel | None,
+                           val_ids: torch.Tensor, objective: float) -> None:
+    """`--from-search`: the pruned model's perplexity on the search's validation split, beside the best trial's
+    objective (equal when --steps and the size are the search's)."""
+    from .search import objective_ppl
+
+    if streamed is not None:
+        ppl = streamed_perplexity(streamed, val_ids, seq_len=min(512, val_ids.numel()), batch_size=4)["ppl"]
+    else:
+        ppl = objective_ppl(model, val_ids)
+    report.details.update(from_search=str(cfg.from_search), search_objective=objective, validation_ppl=ppl)
+    print(f"validation perplexity {ppl:.4f} (the search's best trial: {objective:.4f})", file=sys.stderr)
 
 
 def run_eval(cfg: EvalSettings) -> dict:

@@ -2,7 +2,10 @@
 
 The default corpus is English prose that ships with CPython (``pydoc_data.topics``, ~480 kB), so every
 command works offline. It is split once, deterministically, by topic: ``train`` (calibration and
-training, the first 90 %) and ``heldout`` (evaluation, the last 10 %) never share text.
+training, the first 90 %) and ``heldout`` (evaluation, the last 10 %) never share text. ``search`` splits
+``train`` once more, by document: ``pool`` (its first 90 %, the calibration windows a search picks from) and
+``validation`` (its last 10 %, the search's objective), so a search never scores on its calibration text
+nor on the held-out text of the final evaluation.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import torch
 from .errors import AdaptEngineError
 
 DEFAULT_DATA = "pydoc"
-SPLITS = ("train", "heldout", "all")
+SPLITS = ("train", "heldout", "all", "pool", "validation")
 HELDOUT_FRACTION = 0.10
+VALIDATION_FRACTION = 0.10  # of the train split's documents
 TEXT_FIELDS = ("text", "content", "document", "body")
 
 
@@ -31,16 +35,26 @@ def _pydoc_documents() -> list[str]:
     return [topics.topics[k] for k in sorted(topics.topics)]
 
 
+def _tail_cut(docs: list[str], fraction: float, what: str) -> int:
+    if len(docs) < 2:
+        raise DataError(
+            f"the data holds {len(docs)} document; separating {what} needs at least 2. "
+            f"Separate documents with a blank line (.txt) or put one JSON record per line (.jsonl)"
+        )
+    return len(docs) - max(1, int(round(len(docs) * fraction)))
+
+
 def _split(docs: list[str], split: str) -> list[str]:
     if split == "all":
         return docs
-    cut = len(docs) - max(1, int(round(len(docs) * HELDOUT_FRACTION)))
-    if len(docs) < 2:
-        raise DataError(
-            f"the data holds {len(docs)} document; separating training text from held-out text needs at least 2. "
-            f"Separate documents with a blank line (.txt) or put one JSON record per line (.jsonl)"
-        )
-    return docs[:cut] if split == "train" else docs[cut:]
+    cut = _tail_cut(docs, HELDOUT_FRACTION, "training text from held-out text")
+    if split == "heldout":
+        return docs[cut:]
+    train = docs[:cut]
+    if split == "train":
+        return train
+    vcut = _tail_cut(train, VALIDATION_FRACTION, "the calibration pool from the validation text (in the train split)")
+    return train[:vcut] if split == "pool" else train[vcut:]
 
 
 def _text_of(record: dict, source: str) -> str:
@@ -137,10 +151,57 @@ def load_text(spec: str | None, split: str = "train") -> str:
     return "\n\n".join(load_documents(spec, split))
 
 
+def objective_text(objective_data: str | None, calib_pool: str | None) -> str:
+    """A search's validation text: all of ``objective_data``, or else the validation split of the pool's text
+    (neither the calibration pool nor the held-out split)."""
+    if objective_data is not None:
+        return load_text(objective_data, "all")
+    return load_text(calib_pool, "validation")
+
+
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     """One long 1-D stream of token ids (no special tokens; documents are already joined)."""
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def pool_windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The calibration pool as consecutive non-overlapping ``seq_len`` windows (``[n, seq_len]``; the tail that
+    does not fill a window is left out). ``--calib-indices`` and ``search`` index these rows."""
+    if seq_len < 2:
+        raise DataError(f"need seq_len >= 2, got {seq_len}")
+    available = ids.numel() // seq_len
+    if available < 1:
+        raise DataError(f"the calibration pool has {ids.numel()} tokens, fewer than one {seq_len}-token window; "
+                        f"pass more text or a shorter --calib-seq-len")
+    return ids[: available * seq_len].view(available, seq_len)
+
+
+def read_calib_indices(path: str) -> list[int]:
+    """Window indices from a ``--calib-indices`` JSON file: a list of integers, or an object whose
+    ``calib_indices`` (``search``'s best.json) or ``indices`` is one."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise DataError(f"--calib-indices {path}: cannot read it ({err.strerror})") from err
+    except json.JSONDecodeError as err:
+        raise DataError(f"--calib-indices {path} is not valid JSON ({err})") from err
+    if isinstance(data, dict):
+        data = data.get("calib_indices", data.get("indices"))
+    if not isinstance(data, list) or not data or not all(isinstance(i, int) and i >= 0 for i in data):
+        raise DataError(f"--calib-indices {path} must hold a non-empty list of window indices (integers >= 0), "
+                        f"or an object with one under 'calib_indices' or 'indices'")
+    return data
+
+
+def select_windows(windows: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    """The rows ``indices`` of the pool's windows, in the order given (a repeated index counts twice)."""
+    bad = [i for i in indices if i >= windows.shape[0]]
+    if bad:
+        raise DataError(f"calibration window index {bad[0]} is out of range: the pool has {windows.shape[0]} "
+                        f"windows (0-{windows.shape[0] - 1}) at this --calib-seq-len; use the pool and sequence "
+                        f"length the indices were chosen from")
+    return windows[torch.tensor(indices, dtype=torch.long)].clone()
 
 
 def sample_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .adapters import DecoderAdapter, LayerShape
-from .args import ATTENTION_MODES, KV_MERGES, MERGE
+from .args import AGGREGATES, ATTENTION_MODES, KV_MERGES, MERGE
 
 # Score buckets per layer.
 Q_HEADS, KV_HEADS, MLP = "q_heads", "kv_heads", "mlp"
@@ -90,6 +90,37 @@ class GroupScores:
     def all_tensors(self) -> list[torch.Tensor]:
         """Every score vector (for cross-rank reduction)."""
         return [*self.q_heads, *self.kv_heads, *self.mlp]
+
+
+def member_groups(param: nn.Parameter, member: Member) -> int:
+    """How many groups one member tensor scores (its length along the pruned dim over the group size)."""
+    return param.shape[member.dim] // member.group_size
+
+
+def aggregate_members(adapter: DecoderAdapter, members: dict[nn.Parameter, Member],
+                      per_member: dict[nn.Parameter, torch.Tensor], how: str) -> GroupScores:
+    """Group scores from each member tensor's own per-group scores, combined over a group's members (LLM-Pruner's
+    aggregation): ``sum``, ``prod`` (in float64, then float32), ``max``, or ``last`` = the score of the group's
+    last member in :func:`group_members` order (o_proj columns for a query head, v_proj rows (its bias if any)
+    for a KV head, down_proj columns for an MLP channel)."""
+    if how not in AGGREGATES:
+        raise ValueError(f"--aggregate must be one of {', '.join(AGGREGATES)}, got '{how}'")
+    combined: dict[tuple[int, str], torch.Tensor] = {}
+    for param, m in members.items():
+        score = per_member[param].double()
+        key = (m.layer, m.bucket)
+        if key not in combined or how == "last":
+            combined[key] = score.clone()
+        elif how == "sum":
+            combined[key] += score
+        elif how == "prod":
+            combined[key] *= score
+        else:
+            combined[key] = torch.maximum(combined[key], score)
+    out = GroupScores.zeros(adapter, device=next(iter(per_member.values())).device if per_member else "cpu")
+    for (layer, bucket), score in combined.items():
+        out.bucket(layer, bucket).copy_(score)
+    return out
 
 
 @dataclass

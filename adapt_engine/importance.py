@@ -17,8 +17,8 @@ from torch import nn
 
 from . import precision
 from .adapters import DecoderAdapter
-from .args import CALIB_DTYPES, GRADIENT_IMPORTANCES, SIMILARITIES
-from .groups import GroupScores, Member, group_members
+from .args import AGGREGATES, CALIB_DTYPES, GRADIENT_IMPORTANCES, SIMILARITIES
+from .groups import GroupScores, Member, aggregate_members, group_members, member_groups
 from .kernels import group_saliency
 from .lm_loss import causal_lm_loss
 
@@ -124,46 +124,118 @@ def _score_tensor(
                    fisher=fisher)
 
 
-class SaliencyCollector:
-    """Reduces each gradient to group scores as soon as it is accumulated, then frees it."""
+class _MetricScores:
+    """One base metric's group scores over the calibration batches.
 
-    def __init__(self, adapter: DecoderAdapter, metric: str = "taylor"):
+    ``aggregate`` sum adds every member's per-group score into its group's bucket as it arrives (the original
+    behaviour, bit for bit); prod, max and last keep one score vector per member (summed over the batches) and
+    combine a group's members at the end (``groups.aggregate_members``), as LLM-Pruner's aggregation options do.
+    """
+
+    def __init__(self, adapter: DecoderAdapter, members: dict[nn.Parameter, Member], metric: str, aggregate: str,
+                 device: torch.device):
+        self.adapter, self.members, self.metric, self.aggregate = adapter, members, metric, aggregate
+        self.per_member: dict[nn.Parameter, torch.Tensor] | None = None
+        if aggregate == "sum":
+            self.total = GroupScores.zeros(adapter, device=device)
+            # 'vectorize' sums w*g signed over each whole group (all its matrices) per micro-batch, then takes |.|
+            self._signed = GroupScores.zeros(adapter, device=device) if metric == "vectorize" else None
+        else:
+            self.per_member = {p: torch.zeros(member_groups(p, m), dtype=torch.float32, device=device)
+                               for p, m in members.items()}
+            # per member, vectorize's |.| is that of the member's own signed sum
+            self._signed_member = ({p: torch.zeros_like(t) for p, t in self.per_member.items()}
+                                   if metric == "vectorize" else None)
+        self._fisher: dict[nn.Parameter, torch.Tensor] = {}
+
+    def add(self, param: nn.Parameter, member: Member) -> None:
+        """Score one parameter's gradient of the current batch."""
+        fisher = None
+        if self.metric == "param_mix":  # needs a Fisher trace per parameter
+            fisher = self._fisher.setdefault(param, torch.zeros_like(param, dtype=torch.float32))
+        if self.per_member is None:
+            target = (self._signed if self._signed is not None else self.total).bucket(member.layer, member.bucket)
+        else:
+            target = (self._signed_member if self._signed_member is not None else self.per_member)[param]
+        _score_tensor(param, param.grad, member, self.metric, target, fisher=fisher)
+
+    def end_micro_batch(self) -> None:
+        """Close one scored batch (``vectorize`` turns its signed sums into |.| here)."""
+        if self.per_member is None and self._signed is not None:
+            pairs = zip(self.total.all_tensors(), self._signed.all_tensors())
+        elif self.per_member is not None and self._signed_member is not None:
+            pairs = ((self.per_member[p], self._signed_member[p]) for p in self.per_member)
+        else:
+            return
+        for total, signed in pairs:
+            total.add_(signed.abs())
+            signed.zero_()
+
+    def scores(self) -> GroupScores:
+        """Group scores of everything scored so far."""
+        if self.per_member is None:
+            return self.total
+        return aggregate_members(self.adapter, self.members, self.per_member, self.aggregate)
+
+
+class SaliencyCollector:
+    """Reduces each gradient to group scores as soon as it is accumulated, then frees it.
+
+    ``metric`` mix is AdaPruner's Eq. 5, ``α1·I_vector + α2·s·I_element``: I_vector is our ``vectorize``
+    (|Σ w·g| of the structure, the coarse first-order term), I_element is our ``param_mix`` (Σ over elements of
+    |w·g − ½·w²·F|, the fine-grained term with the Fisher diagonal for the Hessian, Eq. 4), and ``s`` is the
+    alignment factor that brings the element-wise term to the vector term's order of magnitude; ``mix`` is
+    ``(α1, α2, s)``. Both terms come from the same backward pass.
+    """
+
+    def __init__(self, adapter: DecoderAdapter, metric: str = "taylor", aggregate: str = "sum",
+                 mix: tuple[float, float, float] | None = None):
         if metric not in GRADIENT_IMPORTANCES:
-            raise ValueError(f"gradient saliency metric must be taylor, vectorize or param_mix, got '{metric}'")
+            raise ValueError(f"gradient saliency metric must be one of {', '.join(GRADIENT_IMPORTANCES)}, "
+                             f"got '{metric}'")
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"--aggregate must be one of {', '.join(AGGREGATES)}, got '{aggregate}'")
         self.adapter = adapter
         self.metric = metric
         self.members = group_members(adapter)
         device = next(adapter.model.parameters()).device
-        self.scores = GroupScores.zeros(adapter, device=device)
-        # 'vectorize' sums w*g signed over each whole group (all its matrices) per micro-batch, then takes |.|;
-        # param_mix needs a Fisher trace per parameter.
-        self._signed = GroupScores.zeros(adapter, device=device) if metric == "vectorize" else None
-        self._fisher: dict[nn.Parameter, torch.Tensor] = {}
+        if metric == "mix":
+            alpha_vector, alpha_element, scale = mix if mix is not None else (1.0, 1.0, 1.0)
+            self._weights = (alpha_vector, alpha_element * scale)
+            base = ("vectorize", "param_mix")
+        else:
+            self._weights = None
+            base = (metric,)
+        self._parts = [_MetricScores(adapter, self.members, m, aggregate, device) for m in base]
         self._handles: list = []
         # True while the micro-batches of one batch before its last run their backward: gradients
         # are summed into .grad and scored once, so the scores are those of the whole batch.
         self.accumulating = False
 
+    @property
+    def scores(self) -> GroupScores:
+        """The group scores collected so far (for mix, the weighted sum of its two terms)."""
+        if self._weights is None:
+            return self._parts[0].scores()
+        vector, element = (part.scores() for part in self._parts)
+        out = GroupScores()
+        for name in ("q_heads", "kv_heads", "mlp"):
+            getattr(out, name).extend(self._weights[0] * v + self._weights[1] * e
+                                      for v, e in zip(getattr(vector, name), getattr(element, name)))
+        return out
+
     def _hook(self, param: nn.Parameter) -> None:
         if self.accumulating:  # a micro-batch that is not its batch's last: keep summing into .grad
             return
         member = self.members[param]
-        out = self.scores.bucket(member.layer, member.bucket)
-        if self._signed is not None:
-            _score_tensor(param, param.grad, member, "vectorize", self._signed.bucket(member.layer, member.bucket))
-        else:
-            fisher = None
-            if self.metric == "param_mix":
-                fisher = self._fisher.setdefault(param, torch.zeros_like(param, dtype=torch.float32))
-            _score_tensor(param, param.grad, member, self.metric, out, fisher=fisher)
+        for part in self._parts:
+            part.add(param, member)
         param.grad = None  # freed at once: the model's gradients never all exist together
 
     def end_micro_batch(self) -> None:
         """Close one micro-batch (``vectorize`` turns its signed sums into |.| here)."""
-        if self._signed is not None:
-            for total, signed in zip(self.scores.all_tensors(), self._signed.all_tensors()):
-                total.add_(signed.abs())
-                signed.zero_()
+        for part in self._parts:
+            part.end_micro_batch()
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[SaliencyCollector]:
@@ -237,6 +309,8 @@ class CalibPass:
     calib_dtype: str = "float32"
     micro_batch_size: int | None = None
     fp32_matmul: str = "ieee"
+    aggregate: str = "sum"
+    mix: tuple[float, float, float] | None = None
 
 
 def calibration_pass(
@@ -250,6 +324,8 @@ def calibration_pass(
     micro_batch_size: int | None = None,
     observers: tuple = (),
     fp32_matmul: str = "ieee",
+    aggregate: str = "sum",
+    mix: tuple[float, float, float] | None = None,
 ) -> tuple[torch.Tensor | None, GroupScores | None, float]:
     """One pass over the calibration set: raw layer importances, gradient saliency, mean loss.
 
@@ -265,13 +341,13 @@ def calibration_pass(
     one fp32 copy of the prunable weights).
     ``fp32_matmul`` (ieee | bf16 | auto, ``precision.py``) is how float32 matmuls are computed on CPU.
     ``observers`` are extra hook holders (``.attached()`` context managers, e.g. compensation statistics)
-    that watch the same forward pass.
+    that watch the same forward pass. ``aggregate`` and ``mix`` are :class:`SaliencyCollector`'s.
     """
     model = adapter.model
     device = next(model.parameters()).device
     autocast = calib_autocast(calib_dtype, device, next(model.parameters()).dtype, fp32_matmul)
     sim = LayerSimilarity(adapter, similarity) if similarity else None
-    collector = SaliencyCollector(adapter, saliency_metric) if saliency_metric else None
+    collector = SaliencyCollector(adapter, saliency_metric, aggregate, mix) if saliency_metric else None
     was_training = model.training
     model.eval()  # no dropout: saliency of the deterministic model
     total_loss, batches = 0.0, 0

@@ -15,10 +15,11 @@ from .allocation import (
     LayerCosts,
     budget_shape,
     incremental_sparsities,
+    layer_sparsities,
     plan_budgets,
     step_targets,
 )
-from .args import GRADIENT_IMPORTANCES, PruneSettings
+from .args import GRADIENT_IMPORTANCES, PruneSettings, parse_layers
 from .attention_ladder import attention_params, rung_costs, rungs
 from .compensation import InputStatistics, check_compensation, compensate_layer, compensate_plan, statistics_bytes
 from .errors import UsageError
@@ -64,6 +65,8 @@ class AdaptPruner:
         check_compensation(self.adapter, settings.compensate, settings.compensate_damp)
         self.original_shapes = self.adapter.shapes()
         self.original_prunable = self.adapter.prunable_params()
+        self.frozen = self._frozen_layers()
+        self.included_prunable = self._included_prunable()
         self.original_total = count_params(model)
         # Parameters that pruning never touches (embeddings, norms, LM head).
         self.fixed_params = self.original_total - self.original_prunable
@@ -77,13 +80,35 @@ class AdaptPruner:
             raise UsageError("this importance/allocation/compensation needs calibration data; pass calib_ids "
                              "(or use compensate='none' with magnitude/random importance and uniform allocation)")
 
+    def _frozen_layers(self) -> frozenset[int]:
+        """Layers ``--layers`` leaves out (never pruned); a UsageError when it names a layer the model lacks."""
+        n = len(self.adapter.layers)
+        if self.settings.layers is None:
+            return frozenset()
+        chosen = parse_layers(self.settings.layers)
+        if chosen[-1] >= n:
+            raise UsageError(f"--layers {self.settings.layers} names layer {chosen[-1]}, but the model has {n} "
+                             f"decoder layers (0-{n - 1})")
+        return frozenset(range(n)) - frozenset(chosen)
+
+    def _included_prunable(self) -> int:
+        """Original prunable parameters of the layers that may be pruned (all of them without ``--layers``)."""
+        if not self.frozen:
+            return self.original_prunable
+        a = self.adapter
+        return self.original_prunable - sum(a.attention_params(j) + a.mlp_params(j) for j in self.frozen)
+
     def min_params(self) -> int:
-        """Smallest reachable size: the lowest attention rung and one MLP channel (or round_to) per layer."""
+        """Smallest reachable size: the lowest attention rung and one MLP channel (or round_to) per layer
+        (frozen layers at their current size)."""
         a = self.adapter
         total = self.fixed_params
         step = self.settings.round_to
         ladder = self.settings.ladder
         for j, s in enumerate(self.original_shapes):
+            if j in self.frozen:
+                total += a.attention_params(j) + a.mlp_params(j)
+                continue
             total += attention_params(a, j, s, rungs(s, ladder, j)[-1], ladder)
             total += min(step, s.intermediate_size) * a.params_per_channel(j)
         return total
@@ -113,7 +138,8 @@ class AdaptPruner:
         ``observers``)."""
         s = self.settings
         opts = CalibPass(s.calib_batch_size, similarity, saliency_metric, s.calib_dtype, s.calib_micro_batch,
-                         s.fp32_matmul)
+                         fp32_matmul=s.fp32_matmul, aggregate=s.aggregate,
+                         mix=s.mix if s.importance == "mix" else None)
         if self.streamed is not None:
             replay = s.compensate != "none" and not observers  # statistics gathered per layer at the cut
             return streamed_calibration_pass(self.streamed, self.calib_ids, opts, progress, observers=observers,
@@ -188,11 +214,10 @@ class AdaptPruner:
             raw = raw.to(next(self.model.parameters()).device, torch.float64)
             torch.distributed.all_reduce(raw)
             raw = raw.cpu() / torch.distributed.get_world_size()
-        adaptive = s.allocation == "adaptive"
-        importance = scale_importance(raw.float(), s.importance_scale) if adaptive else torch.zeros(len(raw))
+        importance = self._importance(raw)
         amplitude = s.amplitude if s.allocation == "adaptive" else 0.0
         target_prunable = max(0, target_params - self.fixed_params)
-        s_cur = 1.0 - target_prunable / self.original_prunable
+        s_cur = self._sparsity_of_included(target_prunable)
         targets = None
         if s.layer_update == "incremental":
             previous = self.layer_sparsity
@@ -200,11 +225,15 @@ class AdaptPruner:
                 previous = torch.full((len(raw),), self.overall_sparsity)
             targets = incremental_sparsities(previous, s_cur - self.overall_sparsity, importance, amplitude)
             self.layer_sparsity = targets
+        elif self.frozen:
+            targets = layer_sparsities(s_cur, importance, amplitude)
+        if targets is not None and self.frozen:
+            targets[sorted(self.frozen)] = 0.0
         self.overall_sparsity = s_cur
         costs = self._layer_costs(scores) if s.split == "saliency" else None
         budgets, sparsity = plan_budgets(
             self.adapter, self.original_shapes, self.original_prunable, target_prunable,
-            importance, amplitude, s.ladder, s.round_to, costs, targets,
+            importance, amplitude, s.ladder, s.round_to, costs, targets, self.frozen,
         )
         plan = []
         for j, budget in enumerate(budgets):
@@ -227,6 +256,25 @@ class AdaptPruner:
         }
         self.history.append(record)
         return record
+
+    def _importance(self, raw: torch.Tensor) -> torch.Tensor:
+        """Normalised layer importance ``I_j`` (zeros under uniform allocation); with ``--layers`` it is
+        normalised over the pruned layers alone and is 0 for the frozen ones."""
+        if self.settings.allocation != "adaptive":
+            return torch.zeros(len(raw))
+        if not self.frozen:
+            return scale_importance(raw.float(), self.settings.importance_scale)
+        included = [j for j in range(len(raw)) if j not in self.frozen]
+        importance = torch.zeros(len(raw))
+        importance[included] = scale_importance(raw.float()[included], self.settings.importance_scale)
+        return importance
+
+    def _sparsity_of_included(self, target_prunable: int) -> float:
+        """Overall sparsity the pruned layers must reach for the model to have ``target_prunable`` prunable
+        parameters (frozen layers keep all of theirs)."""
+        if not self.frozen:
+            return 1.0 - target_prunable / self.original_prunable
+        return (self.original_prunable - target_prunable) / self.included_prunable
 
     def _layer_costs(self, scores: GroupScores) -> list[LayerCosts]:
         """Saliency lost by each attention rung, and cumulative saliency of the cheapest MLP channels, per layer."""

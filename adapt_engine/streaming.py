@@ -411,7 +411,8 @@ def _streamed_pass(streamed: StreamedModel, calib_ids: torch.Tensor, opts: Calib
     autocast = calib_autocast(opts.calib_dtype, "cpu", streamed.dtype, opts.fp32_matmul)
     batches = calibration_batches(calib_ids, opts.batch_size, opts.micro_batch_size)
     sim = LayerSimilarity(adapter, opts.similarity) if opts.similarity else None
-    collector = SaliencyCollector(adapter, opts.saliency_metric) if opts.saliency_metric else None
+    collector = (SaliencyCollector(adapter, opts.saliency_metric, opts.aggregate, opts.mix)
+                 if opts.saliency_metric else None)
     hidden, calls = _capture_all(model, [ids for batch in batches for ids in batch])
     with contextlib.ExitStack() as stack:
         if sim is not None:

@@ -423,3 +423,14 @@ def test_accel_for_vllm_resumes_through_merged_and_removed_attention(model_dir, 
         run(cfg, on_step=_interrupt_at(5))
     resumed = run(_cfg(model_dir, tmp_path / "cut", resume=True, **kw))
     _assert_same_weights(whole.model, resumed.model)
+
+
+def test_layers_leaves_the_other_layers_untouched_through_every_phase(model_dir, tmp_path):
+    from adapt_engine.saving import load_pruned
+
+    cfg = _cfg(model_dir, tmp_path / "out", layers="1-2", no_checkpoints=True)  # layer 0 stays
+    result = run(cfg)
+    widths, before = result.report["widths_after"], result.report["widths_before"]
+    assert widths[0] == before[0] and widths[1] != before[1] and widths[2] != before[2]
+    assert abs(result.report["params_after"] - result.report["target_params"]) < 3 * 48
+    assert load_pruned(Path(cfg.output)) is not None

@@ -108,3 +108,25 @@ def test_prune_for_vllm_reprunes_and_exports_without_padding(tmp_path, tiny_mode
     assert main(_prune_args(tiny_model_dir, tmp_path / "c", "--sparsity", "0.3", "--deploy-target", "vllm",
                             "--attention", "kv")) == 2
     assert "--attention kv" in capsys.readouterr().err
+
+
+def test_calib_indices_fix_the_calibration_windows(tmp_path, tiny_model_dir, capsys):
+    idx = tmp_path / "idx.json"
+    outs = {}
+    for name, indices in (("a", [0, 3, 5, 7]), ("b", [0, 3, 5, 7]), ("c", [1, 2, 4, 9])):
+        idx.write_text(json.dumps(indices))
+        outs[name] = tmp_path / name
+        assert main(["prune", "--model", str(tiny_model_dir), "--output", str(outs[name]), "--steps", "1",
+                     "--calib-seq-len", "16", "--eval-tokens", "256", "--no-bench", "--sparsity", "0.3",
+                     "--calib-indices", str(idx)]) == 0
+    reports = {k: json.loads((v / "pruning_report.json").read_text()) for k, v in outs.items()}
+    assert reports["a"]["settings"]["calib_indices"] == [0, 3, 5, 7]
+    assert reports["a"]["settings"]["calib_samples"] == 4
+    assert reports["a"]["ppl_after"] == reports["b"]["ppl_after"]
+    assert reports["a"]["history"][0]["calib_loss"] != reports["c"]["history"][0]["calib_loss"]
+    idx.write_text(json.dumps([0, 10 ** 6]))
+    assert main(_prune_args(tiny_model_dir, tmp_path / "d", "--sparsity", "0.3", "--calib-indices", str(idx))) == 2
+    assert "--calib-samples" in capsys.readouterr().err
+    assert main(["prune", "--model", str(tiny_model_dir), "--output", str(tmp_path / "d"), "--calib-seq-len", "16",
+                 "--sparsity", "0.3", "--no-bench", "--calib-indices", str(idx)]) == 2
+    assert "out of range" in capsys.readouterr().err

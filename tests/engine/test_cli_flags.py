@@ -15,13 +15,17 @@ from adapt_engine.cli import build_parser
 FIXTURE = Path(__file__).parent / "data" / "cli_flags.json"
 # Flags added since the fixture was captured: issue 11 (accel prints the measured speedup unless --no-bench),
 # issue 12 (bench in a serving engine), issue 13 (calibration micro-batches and dtype), issue 18 (quality levers;
-# accel takes only the layer-importance scale; issue 13 also: the float32 matmul mode),
-# issue 12 part 2 (prune for the engine that will serve the model).
+# accel takes only the layer-importance scale; issue 13 also: the float32 matmul mode), issue 12 part 2 (prune for
+# the engine that will serve the model), issue 17 (AdaPruner: prune only some layers, Eq. 5's metric blend, the
+# aggregation over a group's members, the calibration windows a search chose).
 CALIB = {"--calib-micro-batch", "--calib-dtype", "--fp32-matmul", "--importance-scale"}
 QUALITY = {"--compensate", "--compensate-damp", "--calib-resample", "--mlp-select"}
 DEPLOY = {"--deploy-target", "--kv-merge"}
-ADDED = {"prune": CALIB | QUALITY | DEPLOY | {"--offload"}, "eval": set(), "bench": {"--engine", "--concurrency"},
-         "accel": {"--no-bench"} | CALIB | DEPLOY}
+ADAPRUNER = {"--layers", "--aggregate", "--mix-alpha", "--mix-scale"}
+ADDED = {"prune": CALIB | QUALITY | DEPLOY | ADAPRUNER | {"--offload", "--calib-indices", "--from-search"},
+         "eval": set(), "bench": {"--engine", "--concurrency"}, "accel": {"--no-bench"} | CALIB | DEPLOY | ADAPRUNER}
+# Choices added to existing flags since the fixture (appended, so the old ones keep their order): issue 17's blend.
+ADDED_CHOICES = {"--importance": ["mix"]}
 
 
 def _current() -> dict:
@@ -40,6 +44,8 @@ def test_flags_defaults_and_choices_are_unchanged(command):
     for flag, fields in before["flags"].items():
         for key, value in fields.items():
             got = now["flags"][flag][key]
+            if key == "choices" and flag in ADDED_CHOICES:
+                value = value + ADDED_CHOICES[flag]
             assert got == value, f"{command} {flag}: {key} was {value!r}, now {got!r}"
     assert now["exclusive"] == before["exclusive"]
     assert now["exclusive_required"] == before["exclusive_required"]
@@ -49,3 +55,20 @@ def test_every_flag_has_help():
     for name, command in command_spec(build_parser()).items():
         for flag, fields in command["flags"].items():
             assert fields["help"], f"{name} {flag} has no help text"
+
+
+def test_search_flags():
+    """`search` (issue 17) has its own flags plus every prune knob a trial does not choose (steps default 1)."""
+    flags = _current()["search"]["flags"]
+    own = {"--output", "--model", "--device", "--dtype", "--sparsity", "--target-params", "--trials", "--sampler",
+           "--calib-pool", "--calib-k", "--calib-seq-len", "--objective-data", "--objective-tokens", "--storage",
+           "--study-name", "--resume", "--overwrite", "--threads"}
+    prune = set(_current()["prune"]["flags"])
+    chosen = {"--importance", "--mix-alpha", "--mix-scale", "--aggregate", "--calib-resample"}
+    prune_only = {"--output", "--overwrite", "--no-bench", "--offload", "--eval-tokens", "--calib-data",
+                  "--calib-samples", "--calib-seq-len", "--calib-indices", "--from-search", "--model", "--device",
+                  "--dtype", "--sparsity", "--target-params"}
+    assert set(flags) == own | (prune - chosen - prune_only)
+    assert flags["--steps"]["default"] == 1 and flags["--trials"]["default"] == 150
+    assert flags["--calib-k"]["default"] == 10 and flags["--calib-seq-len"]["default"] == 128
+    assert flags["--objective-tokens"]["default"] == 4096 and flags["--sampler"]["choices"] == ["tpe", "random"]

@@ -58,3 +58,36 @@ def test_data_fingerprint_follows_contents(tmp_path):
     (tmp_path / "b.txt").write_text("three")
     assert data_fingerprint(str(tmp_path)) != data_fingerprint(str(f))
     assert data_fingerprint(None) == data_fingerprint("pydoc")
+
+
+def test_search_pool_and_validation_split_the_train_split():
+    from adapt_engine.data import VALIDATION_FRACTION
+
+    train, pool, val = (load_documents(None, s) for s in ("train", "pool", "validation"))
+    assert pool + val == train and pool and val
+    assert len(val) == max(1, round(len(train) * VALIDATION_FRACTION))
+    assert not set(val) & set(load_documents(None, "heldout"))
+
+
+def test_calib_indices_select_pool_windows(tmp_path):
+    from adapt_engine.data import pool_windows, read_calib_indices, select_windows
+
+    windows = pool_windows(torch.arange(50), 8)
+    assert windows.shape == (6, 8) and windows[2, 0] == 16
+    picked = select_windows(windows, [5, 0, 5])
+    assert picked[:, 0].tolist() == [40, 0, 40]
+    with pytest.raises(DataError, match="index 6 is out of range: the pool has 6 windows"):
+        select_windows(windows, [1, 6])
+    for content in ([3, 1], {"calib_indices": [3, 1], "objective": 2.0}, {"indices": [3, 1]}):
+        path = tmp_path / "idx.json"
+        path.write_text(json.dumps(content))
+        assert read_calib_indices(str(path)) == [3, 1]
+    for bad in ([], [-1], ["a"], {"other": [1]}, 3):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(DataError, match="non-empty list"):
+            read_calib_indices(str(path))
+    path.write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        read_calib_indices(str(path))
+    with pytest.raises(DataError, match="cannot read"):
+        read_calib_indices(str(tmp_path / "missing.json"))

@@ -216,3 +216,43 @@ def test_llama_cpp_target_prunes_exactly_like_hf():
 def test_vllm_target_refuses_query_removal():
     with pytest.raises(UsageError, match="--attention kv"):
         PruneSettings(deploy_target="vllm", attention="kv").validate()
+
+
+@pytest.mark.parametrize("update", ["incremental", "absolute"])
+@pytest.mark.parametrize("layers,frozen", [("1-2", [0, 3]), ("0,2", [1, 3])])
+def test_layers_leaves_the_others_untouched_and_lands_on_target(update, layers, frozen):
+    model = make_tiny_model("llama", True, layers=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pruner = AdaptPruner(model, PruneSettings(steps=3, layers=layers, layer_update=update, amplitude=0.05), _calib())
+    target = pruner.target_from_sparsity(0.3)
+    records = pruner.prune_to(target)
+    adapter = DecoderAdapter(model)
+    assert abs(count_params(model) - target) <= adapter.params_per_channel(0) / 2 + 1
+    for j in frozen:
+        prefix = f"model.layers.{j}."
+        for name, p in model.named_parameters():
+            if name.startswith(prefix):
+                assert torch.equal(p, before[name]), name
+        assert records[-1]["layer_sparsity"][j] == 0.0 and records[-1]["layer_importance"][j] == 0.0
+    pruned = [j for j in range(4) if j not in frozen]
+    assert all(adapter.layer_shape(j) != pruner.original_shapes[j] for j in pruned)
+    # the pruned layers carry the whole target: about 0.3 * 4/2 of their own parameters
+    assert sum(records[-1]["layer_sparsity"][j] for j in pruned) / len(pruned) == pytest.approx(0.6, abs=0.05)
+
+
+def test_layers_outside_the_model_or_malformed_are_usage_errors():
+    with pytest.raises(UsageError, match="has 4 decoder layers"):
+        AdaptPruner(make_tiny_model("llama", True, layers=4), PruneSettings(layers="2-4"), _calib())
+    for bad in ("3-1", "a-b", "1-", "-2"):
+        with pytest.raises(UsageError, match="--layers"):
+            PruneSettings(layers=bad).validate()
+
+
+def test_layers_over_all_layers_is_the_default_bit_for_bit():
+    calib = _calib()
+    a, b = make_tiny_model("llama", True, layers=4), make_tiny_model("llama", True, layers=4)
+    for model, layers in ((a, None), (b, "0-3")):
+        pruner = AdaptPruner(model, PruneSettings(steps=2, layers=layers), calib)
+        pruner.prune_to(pruner.target_from_sparsity(0.3))
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n

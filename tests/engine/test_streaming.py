@@ -223,3 +223,17 @@ def test_streamed_pass_under_bf16_autocast_equals_in_memory(tmp_path):
     assert loss2 == loss and torch.equal(raw2, raw)
     for a, b in zip(scores.all_tensors(), scores2.all_tensors(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("metric", "aggregate"), [("mix", "sum"), ("taylor", "max"), ("mix", "last")])
+def test_streamed_pass_mix_and_aggregate(tmp_path, metric, aggregate):
+    model, folder = _saved(tmp_path)
+    ids = _calib()
+    mix = (0.3, 0.7, 0.01)
+    _, scores, _ = calibration_pass(DecoderAdapter(model), ids, 5, None, metric, micro_batch_size=2,
+                                    aggregate=aggregate, mix=mix)
+    _, scores2, _ = streamed_calibration_pass(open_streamed(folder, torch.float32), ids,
+                                              CalibPass(5, None, metric, micro_batch_size=2, aggregate=aggregate,
+                                                        mix=mix))
+    for a, b in zip(scores.all_tensors(), scores2.all_tensors(), strict=True):
+        assert torch.equal(a, b)
