@@ -15,12 +15,15 @@ from adapt_engine.cli import build_parser
 FIXTURE = Path(__file__).parent / "data" / "cli_flags.json"
 # Flags added since the fixture was captured: issue 11 (accel prints the measured speedup unless --no-bench),
 # issue 12 (bench in a serving engine), issue 13 (calibration micro-batches and dtype), issue 18 (quality levers;
-# accel takes only the layer-importance scale), issue 12 part 2 (prune for the engine that will serve the model).
+# accel takes only the layer-importance scale), issue 12 part 2 (prune for the engine that will serve the model),
+# issue 16 (accel's knowledge distillation).
 CALIB = {"--calib-micro-batch", "--calib-dtype", "--importance-scale"}
 QUALITY = {"--compensate", "--compensate-damp", "--calib-resample"}
 DEPLOY = {"--deploy-target", "--kv-merge"}
+DISTILL = {"--distill", "--kd-temperature", "--kd-layer-weight", "--ce-weight", "--teacher-dtype", "--distill-gap",
+           "--snapshot-interval"}
 ADDED = {"prune": CALIB | QUALITY | DEPLOY | {"--offload"}, "eval": set(), "bench": {"--engine", "--concurrency"},
-         "accel": {"--no-bench"} | CALIB | DEPLOY}
+         "accel": {"--no-bench"} | CALIB | DEPLOY | DISTILL}
 
 
 def _current() -> dict:
