@@ -139,6 +139,11 @@ class AccelRun:
         """Optimizer steps over all phases."""
         return sum(self.phase_steps)
 
+    @property
+    def stages(self) -> int:
+        """Training stages: the N_P phases, and the final distillation stage when there is one."""
+        return len(self.plan.bounds)
+
 
 def no_teachers() -> dict:
     """The distillation bookkeeping of a run without snapshots yet (and of --distill none)."""
@@ -467,7 +472,8 @@ def choose_teacher(run: AccelRun, state: AccelState) -> dict | None:
         teacher = next(s for s in snaps if s["name"] == ORIGINAL)
     else:
         teacher = select_teacher(snaps, count_params(state.model), original, cfg.distill_gap)
-        gone = unreachable(snaps, teacher, original)
+        # the final stage distils from every snapshot again: keep them all for it
+        gone = [] if cfg.distill_final_tokens else unreachable(snaps, teacher, original)
         book["snapshots"] = [s for s in snaps if s not in gone]
         if run.d.main:
             for s in gone:
@@ -480,8 +486,8 @@ def take_snapshot(run: AccelRun, state: AccelState) -> None:
     """--distill progressive: after a phase, save the model as a future teacher once it has shrunk by
     --snapshot-interval since the newest snapshot (rank 0 writes it, every rank waits)."""
     cfg, book = run.cfg, state.distill
-    if cfg.distill != "progressive":
-        return
+    if cfg.distill != "progressive" or state.position["phase"] >= cfg.interleaves:
+        return  # after the last prune the model is the student's size: no one's teacher
     params, original = count_params(state.model), state.pruner.original_total
     if not snapshot_due(book["snapshots"], params, original, cfg.snapshot_interval):
         return
@@ -527,8 +533,32 @@ def train_one_step(run: AccelRun, state: AccelState, session: Session, windows: 
     rec = {"event": "step", "phase": pos["phase"], "global_step": pos["global_step"], "tokens": pos["tokens"],
            "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"], "tokens_per_s": out["tokens"] / dt,
            "params": params, **out.get("terms", {})}
+    if loss_fn is not None:
+        rec["teacher"] = state.distill["teacher"]
     run.metrics.write(rec)
     return rec, out["tokens"]
+
+
+def final_teachers(state: AccelState) -> list[dict]:
+    """The final stage's teachers in the order they teach: every snapshot from the smallest up to the original."""
+    return sorted(state.distill["snapshots"], key=lambda s: (s["params"], s["name"]))
+
+
+def final_stage_teacher(run: AccelRun, state: AccelState) -> str:
+    """The teacher of the final stage's current step: the stage's steps split evenly over :func:`final_teachers`,
+    counted from the end, so the last share always distils from the original model (NutePrune's second stage);
+    with fewer steps than teachers the smallest teachers are the ones left out."""
+    seq = final_teachers(state)
+    k, n = len(seq), max(1, run.phase_steps[run.cfg.interleaves])
+    return seq[k - 1 - (n - 1 - state.position["step_in_phase"]) * k // n]["name"]
+
+
+def begin_final_stage(run: AccelRun, state: AccelState) -> None:
+    """--distill-final-tokens: no prune; log the sequence of teachers the stage will use."""
+    pos = state.position
+    pos["pruned"] = True
+    run.metrics.write({"event": "final_stage", "phase": pos["phase"], "global_step": pos["global_step"],
+                       "tokens": pos["tokens"], "teachers": [s["name"] for s in final_teachers(state)]})
 
 
 def phase_loss(run: AccelRun, state: AccelState) -> DistillLoss | None:
@@ -536,6 +566,8 @@ def phase_loss(run: AccelRun, state: AccelState) -> DistillLoss | None:
     cfg = run.cfg
     if cfg.distill == "none":
         return None
+    if state.position["phase"] >= cfg.interleaves:
+        state.distill["teacher"] = final_stage_teacher(run, state)
     teacher = run.teacher.get(state.distill["teacher"])
     return DistillLoss(teacher, cfg.kd_temperature, cfg.kd_layer_weight, cfg.ce_weight)
 
@@ -547,13 +579,16 @@ def train_phase(run: AccelRun, state: AccelState, on_step: Callable[[dict], None
     session = start_session(state.model, state.optimizer, run.d, shard_optimizer(cfg))
     session.module.train()
     windows, n_steps = run.plan.phase(i), run.phase_steps[i]
+    final = i >= cfg.interleaves
     bar = tqdm(total=windows.shape[0] * cfg.seq_len, initial=pos["step_in_phase"] * cfg.global_batch * cfg.seq_len,
-               desc=f"phase {i + 1}/{cfg.interleaves}", unit="tok", unit_scale=True, file=sys.stderr,
-               dynamic_ncols=True, disable=not run.d.main)
+               desc="final distillation" if final else f"phase {i + 1}/{cfg.interleaves}", unit="tok",
+               unit_scale=True, file=sys.stderr, dynamic_ncols=True, disable=not run.d.main)
     params = count_params(state.model)
     loss_fn = phase_loss(run, state)
     try:
         while pos["step_in_phase"] < n_steps:
+            if final:  # the teacher grows along the stage (loaded only when it changes)
+                loss_fn = phase_loss(run, state)
             rec, step_tokens = train_one_step(run, state, session, windows, params, loss_fn)
             bar.update(step_tokens)
             terms = {k: f"{rec[k]:.3f}" for k in ("kl", "layer", "ce") if k in rec}
@@ -585,13 +620,17 @@ def evaluate(run: AccelRun, state: AccelState, n_steps: int) -> None:
     cfg, pos = run.cfg, state.position
     i = pos["phase"]
     ppl = heldout_ppl(run, state.model) if cfg.val_tokens else None
-    phase_rec = {"phase": i, "params": count_params(state.model), "target": run.targets[i], "steps": n_steps,
-                 "tokens": int(run.plan.phase(i).shape[0] * cfg.seq_len), "tokens_total": pos["tokens"],
-                 "ppl": ppl, "widths": layer_widths(state.model), "teacher": phase_teacher(state)}
+    phase_rec = {"phase": i, "params": count_params(state.model), "target": run.targets[min(i, cfg.interleaves - 1)],
+                 "steps": n_steps, "tokens": int(run.plan.phase(i).shape[0] * cfg.seq_len),
+                 "tokens_total": pos["tokens"], "ppl": ppl, "widths": layer_widths(state.model),
+                 "teacher": phase_teacher(state)}
+    if i >= cfg.interleaves:  # the final stage: every snapshot in turn
+        phase_rec["teacher"]["sequence"] = [s["name"] for s in final_teachers(state)]
     state.summary["phases"].append(phase_rec)
     run.metrics.write({"event": "eval", **{k: v for k, v in phase_rec.items() if k != "widths"},
                        "global_step": pos["global_step"]})
-    log(run, f"phase {i + 1}/{cfg.interleaves}: {phase_rec['params']:,} params, {n_steps} steps, held-out ppl "
+    label = "final distillation" if i >= cfg.interleaves else f"phase {i + 1}/{cfg.interleaves}"
+    log(run, f"{label}: {phase_rec['params']:,} params, {n_steps} steps, held-out ppl "
         f"{ppl if ppl is not None else float('nan'):.3f}")
     pos.update(phase=i + 1, pruned=False, step_in_phase=0)
 
@@ -654,12 +693,15 @@ def run(cfg: AccelConfig, on_step: Callable[[dict], None] | None = None) -> Acce
     d = setup_distributed(cfg.device)
     try:
         accel_run, state = prepare(cfg, d, t_start)
-        while state.position["phase"] < cfg.interleaves:
+        while state.position["phase"] < accel_run.stages:
             if not state.position["pruned"]:
-                prune_phase(accel_run, state)
+                if state.position["phase"] < cfg.interleaves:
+                    prune_phase(accel_run, state)
+                else:
+                    begin_final_stage(accel_run, state)
             n_steps = train_phase(accel_run, state, on_step)
             evaluate(accel_run, state, n_steps)
-            if state.position["phase"] < cfg.interleaves:
+            if state.position["phase"] < accel_run.stages:
                 take_snapshot(accel_run, state)
                 save_checkpoint(accel_run, state)
         return finish(accel_run, state)

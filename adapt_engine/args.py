@@ -330,6 +330,10 @@ class AccelConfig(CommandSettings):
                                        help="--distill progressive: snapshot the model at a phase boundary once it "
                                        "has shrunk by this fraction of the original parameters since the last "
                                        "snapshot (NutePrune's i; default 0.01: every phase of a 20-phase run)")
+    distill_final_tokens: int = setting(0, minimum=0,
+                                        help="--distill progressive: after the last prune, train this many more "
+                                        "tokens (drawn beside --train-tokens) distilling from every snapshot in "
+                                        "order of growing size, ending on the original model (0 = no final stage)")
 
     def validate(self) -> None:
         """UsageError naming the flag for settings that cannot work, before anything is loaded."""
@@ -352,6 +356,14 @@ class AccelConfig(CommandSettings):
             (not (self.fsdp and self.distill != "none"),
              f"--distill {self.distill} keeps a whole teacher on every rank, which --fsdp (for models that do not fit "
              f"one device) cannot afford; use DDP (drop --fsdp) or --distill none"),
+            (self.distill == "progressive" or self.distill_final_tokens == 0,
+             "--distill-final-tokens is the final stage of --distill progressive; add --distill progressive or drop "
+             "it"),
+            (self.distill_final_tokens == 0 or self.distill_final_tokens >= self.seq_len,
+             f"--distill-final-tokens must be 0 or at least one --seq-len window ({self.seq_len} tokens)"),
+            (self.distill_final_tokens == 0 or self.train_tokens is not None,
+             "--distill-final-tokens draws its windows beside --train-tokens; give --train-tokens so that some of the "
+             "training split is left for it"),
             (self.distill != "none" or loss_defaults,
              "--kd-temperature, --kd-layer-weight and --ce-weight shape the distillation loss; add --distill kd or "
              "--distill progressive, or leave them at their defaults"),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import MARKER, check_checkpoint_dir
+from .checkpoint import MARKER, check_checkpoint_dir, quiet_transformers
 from .errors import AdaptEngineError
 from .fsio import atomic_write_json
 from .saving import load_pruned, save_pruned
@@ -83,7 +83,8 @@ class SnapshotStore:
 
     def write(self, model, tokenizer, name: str) -> Path:
         """Save ``model`` as snapshot ``name`` (replacing a stale one of a killed run)."""
-        return save_pruned(model, tokenizer, self.path(name), report=None)
+        with quiet_transformers():
+            return save_pruned(model, tokenizer, self.path(name), report=None)
 
     def delete(self, name: str) -> None:
         """Remove one snapshot folder."""

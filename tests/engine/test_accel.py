@@ -281,6 +281,33 @@ def test_distill_resume_matches_uninterrupted(model_dir, tmp_path, distill_refer
     assert resumed.report["phases"] == expected.report["phases"]
 
 
+def test_final_stage_distils_from_growing_teachers_and_resumes_exactly(model_dir, tmp_path):
+    """--distill-final-tokens: 16 more windows (2 steps) after the 3 phases, the teacher growing from the
+    smallest snapshot to the original; interrupted inside that stage, the resumed run ends bitwise equal."""
+    kw = {**REF, **distill_settings("progressive"), "distill_final_tokens": 16 * 16, "checkpoint_every": 1}
+    whole = run(_cfg(model_dir, tmp_path / "whole", **kw))
+    phases = whole.report["phases"]
+    assert [p["steps"] for p in phases] == [1, 2, 3, 2]
+    assert phases[-1]["params"] == phases[-2]["params"]  # the final stage does not prune
+    assert phases[-1]["teacher"]["sequence"] == ["snapshot-phase-002", "snapshot-phase-001", "snapshot-original"]
+    records = [json.loads(x) for x in (Path(whole.report["settings"]["output"]) / "metrics.jsonl").read_text()
+               .splitlines()]
+    final_steps = [r for r in records if r["event"] == "step" and r["phase"] == 3]
+    # 2 steps for 3 teachers: the split counts from the end, so the last step is the original's
+    assert [r["teacher"] for r in final_steps] == ["snapshot-phase-001", "snapshot-original"]
+    assert whole.report["tokens_used"] == (48 + 16) * 16 and whole.report["optimizer_steps"] == 8
+    assert "3 snapshots growing to snapshot-original" in format_report(whole.report)
+    cfg = _cfg(model_dir, tmp_path / "cut", **kw)
+    with pytest.raises(Interrupt):
+        run(cfg, on_step=_interrupt_at(7))
+    resumed = run(_cfg(model_dir, tmp_path / "cut", resume=True, **kw))
+    _assert_same_weights(whole.model, resumed.model)
+    with pytest.raises(ValueError, match="--distill progressive"):
+        AccelConfig.from_flat(output="o", sparsity=0.5, distill="kd", distill_final_tokens=512).validate()
+    with pytest.raises(ValueError, match="give --train-tokens"):
+        AccelConfig.from_flat(output="o", sparsity=0.5, distill="progressive", distill_final_tokens=512).validate()
+
+
 def test_distill_settings_are_checked_before_anything_loads():
     with pytest.raises(ValueError, match="--fsdp"):
         AccelConfig.from_flat(output="o", sparsity=0.5, distill="kd", fsdp=True).validate()

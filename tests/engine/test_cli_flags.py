@@ -21,7 +21,7 @@ CALIB = {"--calib-micro-batch", "--calib-dtype", "--importance-scale"}
 QUALITY = {"--compensate", "--compensate-damp", "--calib-resample"}
 DEPLOY = {"--deploy-target", "--kv-merge"}
 DISTILL = {"--distill", "--kd-temperature", "--kd-layer-weight", "--ce-weight", "--teacher-dtype", "--distill-gap",
-           "--snapshot-interval"}
+           "--snapshot-interval", "--distill-final-tokens"}
 ADDED = {"prune": CALIB | QUALITY | DEPLOY | {"--offload"}, "eval": set(), "bench": {"--engine", "--concurrency"},
          "accel": {"--no-bench"} | CALIB | DEPLOY | DISTILL}
 
