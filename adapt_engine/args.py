@@ -314,9 +314,10 @@ class AccelConfig(CommandSettings):
                            "original model) or progressive (from snapshots of the model about --distill-gap larger "
                            "than the student, NutePrune)")
     kd_temperature: float = setting(1.0, above=0.0, help="--distill: softmax temperature T of the T^2-scaled KL term")
-    kd_layer_weight: float = setting(1.0, minimum=0.0,
+    # 0: the paper prints no alpha_1, and on SmolLM2 the raw residual-stream MSE is ~1000x the KL (docs/accel.md)
+    kd_layer_weight: float = setting(0.0, minimum=0.0,
                                      help="--distill: weight (NutePrune's alpha_1) of the sum over decoder layers of "
-                                     "the MSE between student and teacher hidden states (0 = logits only)")
+                                     "the MSE between student and teacher hidden states (default 0: logits only)")
     ce_weight: float = setting(0.0, minimum=0.0,
                                help="--distill: weight of the ordinary next-token cross-entropy added to the "
                                "distillation loss (default 0)")
@@ -338,7 +339,7 @@ class AccelConfig(CommandSettings):
     def validate(self) -> None:
         """UsageError naming the flag for settings that cannot work, before anything is loaded."""
         super().validate()
-        loss_defaults = (self.kd_temperature, self.kd_layer_weight, self.ce_weight) == (1.0, 1.0, 0.0)
+        loss_defaults = (self.kd_temperature, self.kd_layer_weight, self.ce_weight) == (1.0, 0.0, 0.0)
         checks = [
             (self.train_tokens is None or self.train_tokens >= self.seq_len,
              f"--train-tokens must be at least one --seq-len window ({self.seq_len} tokens)"),

@@ -127,7 +127,7 @@ class DistillLoss:
 
     teacher: torch.nn.Module
     temperature: float = 1.0
-    layer_weight: float = 1.0
+    layer_weight: float = 0.0
     ce_weight: float = 0.0
 
     def __call__(self, forward_model: torch.nn.Module, model: torch.nn.Module,

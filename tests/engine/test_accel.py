@@ -178,7 +178,7 @@ def reference(model_dir, tmp_path_factory):
 
 def distill_settings(mode: str) -> dict:
     """--distill with a gap the tiny model's phases (about 10 % of its parameters each) can span."""
-    return dict(distill=mode, distill_gap=0.05, snapshot_interval=0.0)
+    return dict(distill=mode, distill_gap=0.05, snapshot_interval=0.0, kd_layer_weight=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +222,7 @@ def test_resume_after_sigkill_matches_uninterrupted(model_dir, tmp_path, referen
            "--calib-seq-len", "16", "--calib-batch-size", "4", "--val-tokens", "256", "--prune-steps", "1",
            "--saliency", "train", "--checkpoint-every", "1"]
     if mode != "none":
-        cmd += ["--distill", mode, "--distill-gap", "0.05", "--snapshot-interval", "0"]
+        cmd += ["--distill", mode, "--distill-gap", "0.05", "--snapshot-interval", "0", "--kd-layer-weight", "0.5"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     pointer = cfg.run_dir() / "checkpoints" / "latest.json"
@@ -255,7 +255,7 @@ def test_distill_runs_report_their_teachers_and_log_their_terms(model_dir, disti
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["event"] == "step"]
     assert all(r["kl"] > 0 and r["layer"] > 0 and "ce" not in r for r in steps)
-    assert all(r["loss"] == pytest.approx(r["kl"] + r["layer"]) for r in steps)
+    assert all(r["loss"] == pytest.approx(r["kl"] + 0.5 * r["layer"]) for r in steps)
     assert [r["name"] for r in records if r["event"] == "snapshot"] == ["snapshot-phase-001", "snapshot-phase-002"]
     assert not Path(str(out) + ".accel").exists()  # snapshots removed with the checkpoints after success
     assert "snapshot-phase-002 (" in format_report(progressive.report)
