@@ -38,6 +38,7 @@ from .adapters import DecoderAdapter, count_params
 from .args import AccelConfig
 from .checkpoint import CheckpointError, check_compatible, latest_checkpoint, load_checkpoint, rng_state, set_rng_state
 from .data import sample_windows
+from .distill_loss import DistillLoss
 from .distributed import (
     Dist,
     Session,
@@ -59,6 +60,7 @@ from .pruner import AdaptPruner
 from .report import RunReport, finish_run, peak_memory_mb, plot_progress
 from .schedule import WSDSchedule
 from .settings import add_flags, flat_dict, from_args
+from .teachers import ORIGINAL, ResidentTeacher, SnapshotStore, select_teacher, snapshot_due, unreachable
 from .training import TrainingDivergedError, autocast_dtype, train_step
 
 __all__ = [
@@ -138,11 +140,23 @@ class AccelRun:
     targets: list[int] = field(default_factory=list)
     amp: torch.dtype | None = None
     metrics: MetricsLog | None = None
+    snapshots: SnapshotStore | None = None  # --distill: the teachers on disk
+    teacher: ResidentTeacher | None = None  # --distill: the one teacher in memory
 
     @property
     def total_steps(self) -> int:
         """Optimizer steps over all phases."""
         return sum(self.phase_steps)
+
+    @property
+    def stages(self) -> int:
+        """Training stages: the N_P phases, and the final distillation stage when there is one."""
+        return len(self.plan.bounds)
+
+
+def no_teachers() -> dict:
+    """The distillation bookkeeping of a run without snapshots yet (and of --distill none)."""
+    return {"snapshots": [], "teacher": None}
 
 
 def new_position() -> dict:
@@ -161,6 +175,8 @@ class AccelState:
     scores: GroupScores | None = None  # training-gradient group scores (--saliency train)
     position: dict = field(default_factory=new_position)
     summary: dict = field(default_factory=dict)  # the report so far: initial size, widths and ppl, phases
+    # --distill: the snapshots on disk ({"name", "params", "phase"}) and the name of the active teacher
+    distill: dict = field(default_factory=no_teachers)
 
     def state_dict(self) -> dict:
         """The trainer state written into a checkpoint beside the model."""
@@ -168,7 +184,7 @@ class AccelState:
                                                      for k in SCORE_KINDS}
         return {"position": dict(self.position), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "pruner": self.pruner.state_dict(), "saliency": saliency,
-                "summary": self.summary}
+                "summary": self.summary, "distill": self.distill}
 
     def load_state_dict(self, tree: dict) -> None:
         """Restore what :meth:`state_dict` wrote (the model itself comes from the checkpoint's model folder)."""
@@ -176,6 +192,7 @@ class AccelState:
         self.optimizer.load_state_dict(tree["optimizer"])
         self.position = dict(tree["position"])
         self.summary = tree["summary"]
+        self.distill = tree.get("distill") or no_teachers()
         if tree.get("saliency") is not None:
             self.scores = GroupScores(**tree["saliency"])
             self.optimizer.track_saliency(saliency_targets(self.model, self.scores))
@@ -342,6 +359,28 @@ def build_state(run: AccelRun, model: nn.Module, tree: dict | None) -> AccelStat
     return state
 
 
+def teacher_dtype(cfg: AccelConfig, device: torch.device) -> torch.dtype:
+    """--teacher-dtype: auto is bfloat16 where the device runs it natively (as --autocast auto decides)."""
+    if cfg.teacher_dtype == "auto":
+        return autocast_dtype("auto", device) or torch.float32
+    return parse_dtype(cfg.teacher_dtype)
+
+
+def open_teachers(run: AccelRun, state: AccelState, *, fresh: bool) -> None:
+    """--distill: the snapshot folder (a fresh run writes the original model into it as the first teacher)."""
+    cfg, d = run.cfg, run.d
+    run.snapshots = SnapshotStore(run.run_dir / "snapshots")
+    if d.main:
+        run.snapshots.open(fresh=fresh)
+        if fresh:
+            run.snapshots.write(state.model, run.tokenizer, ORIGINAL)
+    d.barrier()
+    if fresh:
+        state.distill = {"snapshots": [{"name": ORIGINAL, "params": state.pruner.original_total, "phase": -1}],
+                         "teacher": None}
+    run.teacher = ResidentTeacher(run.snapshots, str(d.device), teacher_dtype(cfg, d.device))
+
+
 def restore_rng(run: AccelRun, tree: dict | None) -> None:
     """The checkpoint's RNG streams (same world size), or the run's seed on a fresh start."""
     d = run.d
@@ -363,6 +402,8 @@ def prepare(cfg: AccelConfig, d: Dist, t_start: float) -> tuple[AccelRun, AccelS
     model, tree = load_start(run, latest)
     prepare_data(run)
     state = build_state(run, model, tree)
+    if cfg.distill != "none":
+        open_teachers(run, state, fresh=tree is None)
     restore_rng(run, tree)
     run.metrics = MetricsLog(run_dir / "metrics.jsonl", d.main, tree["n_records"] if tree is not None else None)
     summary, original = state.summary, state.pruner.original_total
@@ -416,11 +457,54 @@ def prune_phase(run: AccelRun, state: AccelState) -> None:
     if cfg.saliency == "train":
         state.scores = GroupScores.zeros(state.pruner.adapter, device=run.d.device)
         state.optimizer.track_saliency(saliency_targets(state.model, state.scores))
+    teacher = choose_teacher(run, state)
     pos["pruned"] = True
     run.metrics.write({"event": "prune", "phase": i, "global_step": pos["global_step"], "tokens": pos["tokens"],
                        "params": count_params(state.model), "target": run.targets[i],
                        "seconds": time.perf_counter() - t0, "sub_steps": len(records),
-                       "saliency": "train" if group_scores is not None else "calib"})
+                       "saliency": "train" if group_scores is not None else "calib",
+                       **({"teacher": teacher["name"], "teacher_params": teacher["params"]} if teacher else {})})
+
+
+def choose_teacher(run: AccelRun, state: AccelState) -> dict | None:
+    """--distill: the teacher of the just-pruned student (kd: the original; progressive: NutePrune's rule), and
+    the snapshots no later student can use deleted from disk."""
+    cfg, book = run.cfg, state.distill
+    if cfg.distill == "none":
+        return None
+    original = state.pruner.original_total
+    snaps = book["snapshots"]
+    if cfg.distill == "kd":
+        teacher = next(s for s in snaps if s["name"] == ORIGINAL)
+    else:
+        teacher = select_teacher(snaps, count_params(state.model), original, cfg.distill_gap)
+        # the final stage distils from every snapshot again: keep them all for it
+        gone = [] if cfg.distill_final_tokens else unreachable(snaps, teacher, original)
+        book["snapshots"] = [s for s in snaps if s not in gone]
+        if run.d.main:
+            for s in gone:
+                run.snapshots.delete(s["name"])
+    book["teacher"] = teacher["name"]
+    return teacher
+
+
+def take_snapshot(run: AccelRun, state: AccelState) -> None:
+    """--distill progressive: after a phase, save the model as a future teacher once it has shrunk by
+    --snapshot-interval since the newest snapshot (rank 0 writes it, every rank waits)."""
+    cfg, book = run.cfg, state.distill
+    if cfg.distill != "progressive" or state.position["phase"] >= cfg.interleaves:
+        return  # after the last prune the model is the student's size: no one's teacher
+    params, original = count_params(state.model), state.pruner.original_total
+    if not snapshot_due(book["snapshots"], params, original, cfg.snapshot_interval):
+        return
+    phase = state.position["phase"] - 1  # evaluate has moved the position to the next phase
+    name = f"snapshot-phase-{phase + 1:03d}"
+    if run.d.main:
+        run.snapshots.write(state.model, run.tokenizer, name)
+    run.d.barrier()
+    book["snapshots"].append({"name": name, "params": params, "phase": phase})
+    run.metrics.write({"event": "snapshot", "phase": phase, "global_step": state.position["global_step"],
+                       "name": name, "params": params})
 
 
 def _diverged(run: AccelRun, state: AccelState, err: TrainingDivergedError, lr: float) -> TrainingDivergedError:
@@ -433,7 +517,7 @@ def _diverged(run: AccelRun, state: AccelState, err: TrainingDivergedError, lr: 
 
 
 def train_one_step(run: AccelRun, state: AccelState, session: Session, windows: torch.Tensor,
-                   params: int) -> tuple[dict, int]:
+                   params: int, loss_fn: DistillLoss | None = None) -> tuple[dict, int]:
     """One optimizer step of the phase's next global batch; returns (and logs) its metrics record, and the
     tokens it trained on."""
     cfg, pos = run.cfg, state.position
@@ -445,7 +529,7 @@ def train_one_step(run: AccelRun, state: AccelState, session: Session, windows: 
         # FSDP2 may reshard the head before a loss computed outside its root forward: plain loss there.
         out = train_step(session.module, session.optimizer, batch, lr=lr, micro_batch=cfg.micro_batch,
                          max_grad_norm=cfg.max_grad_norm, amp=run.amp, d=run.d,
-                         fused_loss_of=None if session.fsdp else state.model)
+                         fused_loss_of=None if session.fsdp else state.model, loss_fn=loss_fn)
     except TrainingDivergedError as err:
         raise _diverged(run, state, err, lr) from None
     dt = time.perf_counter() - t0
@@ -454,9 +538,44 @@ def train_one_step(run: AccelRun, state: AccelState, session: Session, windows: 
     pos["tokens"] += out["tokens"]
     rec = {"event": "step", "phase": pos["phase"], "global_step": pos["global_step"], "tokens": pos["tokens"],
            "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"], "tokens_per_s": out["tokens"] / dt,
-           "params": params}
+           "params": params, **out.get("terms", {})}
+    if loss_fn is not None:
+        rec["teacher"] = state.distill["teacher"]
     run.metrics.write(rec)
     return rec, out["tokens"]
+
+
+def final_teachers(state: AccelState) -> list[dict]:
+    """The final stage's teachers in the order they teach: every snapshot from the smallest up to the original."""
+    return sorted(state.distill["snapshots"], key=lambda s: (s["params"], s["name"]))
+
+
+def final_stage_teacher(run: AccelRun, state: AccelState) -> str:
+    """The teacher of the final stage's current step: the stage's steps split evenly over :func:`final_teachers`,
+    counted from the end, so the last share always distils from the original model (NutePrune's second stage);
+    with fewer steps than teachers the smallest teachers are the ones left out."""
+    seq = final_teachers(state)
+    k, n = len(seq), max(1, run.phase_steps[run.cfg.interleaves])
+    return seq[k - 1 - (n - 1 - state.position["step_in_phase"]) * k // n]["name"]
+
+
+def begin_final_stage(run: AccelRun, state: AccelState) -> None:
+    """--distill-final-tokens: no prune; log the sequence of teachers the stage will use."""
+    pos = state.position
+    pos["pruned"] = True
+    run.metrics.write({"event": "final_stage", "phase": pos["phase"], "global_step": pos["global_step"],
+                       "tokens": pos["tokens"], "teachers": [s["name"] for s in final_teachers(state)]})
+
+
+def phase_loss(run: AccelRun, state: AccelState) -> DistillLoss | None:
+    """--distill: the loss against this phase's teacher (loaded unless already resident); None: cross-entropy."""
+    cfg = run.cfg
+    if cfg.distill == "none":
+        return None
+    if state.position["phase"] >= cfg.interleaves:
+        state.distill["teacher"] = final_stage_teacher(run, state)
+    teacher = run.teacher.get(state.distill["teacher"])
+    return DistillLoss(teacher, cfg.kd_temperature, cfg.kd_layer_weight, cfg.ce_weight)
 
 
 def train_phase(run: AccelRun, state: AccelState, on_step: Callable[[dict], None] | None) -> int:
@@ -466,15 +585,20 @@ def train_phase(run: AccelRun, state: AccelState, on_step: Callable[[dict], None
     session = start_session(state.model, state.optimizer, run.d, shard_optimizer(cfg))
     session.module.train()
     windows, n_steps = run.plan.phase(i), run.phase_steps[i]
+    final = i >= cfg.interleaves
     bar = tqdm(total=windows.shape[0] * cfg.seq_len, initial=pos["step_in_phase"] * cfg.global_batch * cfg.seq_len,
-               desc=f"phase {i + 1}/{cfg.interleaves}", unit="tok", unit_scale=True, file=sys.stderr,
-               dynamic_ncols=True, disable=not run.d.main)
+               desc="final distillation" if final else f"phase {i + 1}/{cfg.interleaves}", unit="tok",
+               unit_scale=True, file=sys.stderr, dynamic_ncols=True, disable=not run.d.main)
     params = count_params(state.model)
+    loss_fn = phase_loss(run, state)
     try:
         while pos["step_in_phase"] < n_steps:
-            rec, step_tokens = train_one_step(run, state, session, windows, params)
+            if final:  # the teacher grows along the stage (loaded only when it changes)
+                loss_fn = phase_loss(run, state)
+            rec, step_tokens = train_one_step(run, state, session, windows, params, loss_fn)
             bar.update(step_tokens)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}",
+            terms = {k: f"{rec[k]:.3f}" for k in ("kl", "layer", "ce") if k in rec}
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", **terms, lr=f"{rec['lr']:.2e}",
                             tok_s=f"{rec['tokens_per_s']:,.0f}", params=f"{params / 1e6:.2f}M")
             every = cfg.checkpoint_every
             if every and pos["global_step"] % every == 0 and pos["step_in_phase"] < n_steps:
@@ -488,18 +612,31 @@ def train_phase(run: AccelRun, state: AccelState, on_step: Callable[[dict], None
     return n_steps
 
 
+def phase_teacher(state: AccelState) -> dict | None:
+    """The report's record of this phase's teacher: its snapshot name and parameter count (None without one)."""
+    name = state.distill["teacher"]
+    if name is None:
+        return None
+    params = next((s["params"] for s in state.distill["snapshots"] if s["name"] == name), None)
+    return {"name": name, "params": params}
+
+
 def evaluate(run: AccelRun, state: AccelState, n_steps: int) -> None:
     """Held-out perplexity after the phase; records the phase and moves the position to the next one."""
     cfg, pos = run.cfg, state.position
     i = pos["phase"]
     ppl = heldout_ppl(run, state.model) if cfg.val_tokens else None
-    phase_rec = {"phase": i, "params": count_params(state.model), "target": run.targets[i], "steps": n_steps,
-                 "tokens": int(run.plan.phase(i).shape[0] * cfg.seq_len), "tokens_total": pos["tokens"],
-                 "ppl": ppl, "widths": layer_widths(state.model)}
+    phase_rec = {"phase": i, "params": count_params(state.model), "target": run.targets[min(i, cfg.interleaves - 1)],
+                 "steps": n_steps, "tokens": int(run.plan.phase(i).shape[0] * cfg.seq_len),
+                 "tokens_total": pos["tokens"], "ppl": ppl, "widths": layer_widths(state.model),
+                 "teacher": phase_teacher(state)}
+    if i >= cfg.interleaves:  # the final stage: every snapshot in turn
+        phase_rec["teacher"]["sequence"] = [s["name"] for s in final_teachers(state)]
     state.summary["phases"].append(phase_rec)
     run.metrics.write({"event": "eval", **{k: v for k, v in phase_rec.items() if k != "widths"},
                        "global_step": pos["global_step"]})
-    log(run, f"phase {i + 1}/{cfg.interleaves}: {phase_rec['params']:,} params, {n_steps} steps, held-out ppl "
+    label = "final distillation" if i >= cfg.interleaves else f"phase {i + 1}/{cfg.interleaves}"
+    log(run, f"{label}: {phase_rec['params']:,} params, {n_steps} steps, held-out ppl "
         f"{ppl if ppl is not None else float('nan'):.3f}")
     pos.update(phase=i + 1, pruned=False, step_in_phase=0)
 
@@ -533,6 +670,8 @@ def _write_run_files(run: AccelRun, out: Path) -> None:
 def remove_run_folders(run: AccelRun) -> None:
     """Delete what this run wrote in its checkpoint folder (checkpoints, metrics log), and the folder if empty."""
     checkpoint.remove_checkpoint_dir(run.ckpt_dir)
+    if run.snapshots is not None:
+        run.snapshots.remove()
     (run.run_dir / "metrics.jsonl").unlink(missing_ok=True)
     checkpoint.remove_checkpoint_dir(run.run_dir)
 
@@ -540,6 +679,8 @@ def remove_run_folders(run: AccelRun) -> None:
 def finish(run: AccelRun, state: AccelState) -> AccelResult:
     """Save the model and report (the end `prune` has too), then remove the checkpoints unless kept."""
     report = build_report(run, state)
+    if run.teacher is not None:
+        run.teacher.release()  # before the end-of-run bench loads the dense model
     if run.d.main:
         finish_run(report, state.model, run.tokenizer, run.cfg.output, dense=run.cfg.loading,
                    bench=not run.cfg.no_bench, extra=lambda out: _write_run_files(run, out))
@@ -558,12 +699,16 @@ def run(cfg: AccelConfig, on_step: Callable[[dict], None] | None = None) -> Acce
     d = setup_distributed(cfg.device)
     try:
         accel_run, state = prepare(cfg, d, t_start)
-        while state.position["phase"] < cfg.interleaves:
+        while state.position["phase"] < accel_run.stages:
             if not state.position["pruned"]:
-                prune_phase(accel_run, state)
+                if state.position["phase"] < cfg.interleaves:
+                    prune_phase(accel_run, state)
+                else:
+                    begin_final_stage(accel_run, state)
             n_steps = train_phase(accel_run, state, on_step)
             evaluate(accel_run, state, n_steps)
-            if state.position["phase"] < cfg.interleaves:
+            if state.position["phase"] < accel_run.stages:
+                take_snapshot(accel_run, state)
                 save_checkpoint(accel_run, state)
         return finish(accel_run, state)
     finally:

@@ -66,12 +66,19 @@ class DataPlan:
 
 
 def plan_data(ids: torch.Tensor, cfg) -> DataPlan:
-    """Cut ``ids`` into windows, draw ``train_tokens`` worth without replacement, split into phases.
+    """Cut ``ids`` into windows, draw ``train_tokens`` worth without replacement, split into phases (and, with
+    ``distill_final_tokens``, that many more for a final stage: one more entry in ``bounds``).
 
     ``cfg`` gives ``seq_len``, ``train_tokens``, ``interleaves`` and ``seed`` (an AccelConfig).
     """
     available = ids.numel() // cfg.seq_len
     wanted = available if cfg.train_tokens is None else cfg.train_tokens // cfg.seq_len
+    final = getattr(cfg, "distill_final_tokens", 0) // cfg.seq_len  # accel --distill-final-tokens
+    if wanted + final > available and final:
+        raise DataError(
+            f"--train-tokens {cfg.train_tokens:,} plus --distill-final-tokens {cfg.distill_final_tokens:,} need "
+            f"{wanted + final:,} windows of {cfg.seq_len} tokens, but the training split has {available:,}; pass more "
+            f"text with --train-data, or lower either")
     if wanted > available:
         raise DataError(
             f"--train-tokens {cfg.train_tokens:,} needs {wanted:,} windows of {cfg.seq_len} tokens, but the training "
@@ -81,9 +88,10 @@ def plan_data(ids: torch.Tensor, cfg) -> DataPlan:
     if wanted < 1:
         raise DataError(f"the training split has {ids.numel()} tokens, less than one --seq-len window")
     gen = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(available, generator=gen)[:wanted]
+    # The final stage's windows follow the phases' in the same permutation: the phases' draw is unchanged.
+    order = torch.randperm(available, generator=gen)[:wanted + final]
     windows = ids[: available * cfg.seq_len].view(available, cfg.seq_len)[order].clone()
-    counts = split_counts(wanted, phase_shares(cfg.interleaves))
+    counts = split_counts(wanted, phase_shares(cfg.interleaves)) + ([final] if final else [])
     bounds, start = [], 0
     for c in counts:
         bounds.append((start, start + c))

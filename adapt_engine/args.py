@@ -59,6 +59,8 @@ SEARCHED = ("importance", "mix_alpha", "mix_scale", "aggregate")
 SALIENCY_SOURCES = ("calib", "train")
 AUTOCAST_MODES = ("auto", "bf16", "none")
 BACKENDS = ("auto", "triton", "torch-fused", "torch-foreach")
+DISTILL_MODES = ("none", "kd", "progressive")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16")
 
 # Choices and defaults of bench and export.
 ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
@@ -438,10 +440,38 @@ class AccelConfig(CommandSettings):
                                   help="torch intra-op threads; on a machine whose cores are busy, fewer threads can "
                                   "be much faster")
     no_bench: bool = setting(False, math=False, help="skip the short latency bench at the end")
+    # Issue 16: NutePrune's (progressive) knowledge distillation (docs/accel.md, "Distillation").
+    distill: str = setting("none", choices=DISTILL_MODES,
+                           help="training loss: none (next-token cross-entropy, default), kd (distil from the "
+                           "original model) or progressive (from snapshots of the model about --distill-gap larger "
+                           "than the student, NutePrune)")
+    kd_temperature: float = setting(1.0, above=0.0, help="--distill: softmax temperature T of the T^2-scaled KL term")
+    # 0: the paper prints no alpha_1, and on SmolLM2 the raw residual-stream MSE is ~1000x the KL (docs/accel.md)
+    kd_layer_weight: float = setting(0.0, minimum=0.0,
+                                     help="--distill: weight (NutePrune's alpha_1) of the sum over decoder layers of "
+                                     "the MSE between student and teacher hidden states (default 0: logits only)")
+    ce_weight: float = setting(0.0, minimum=0.0,
+                               help="--distill: weight of the ordinary next-token cross-entropy added to the "
+                               "distillation loss (default 0)")
+    teacher_dtype: str = setting("auto", choices=TEACHER_DTYPES,
+                                 help="--distill: weight dtype of the frozen teacher (auto: bfloat16 where the device "
+                                 "runs it natively, else float32)")
+    distill_gap: float = setting(0.10, above=0.0, below=1.0,
+                                 help="--distill progressive: the teacher is the snapshot at least this fraction of "
+                                 "the original parameter count larger than the student (NutePrune's g, default 0.10)")
+    snapshot_interval: float = setting(0.01, minimum=0.0, below=1.0,
+                                       help="--distill progressive: snapshot the model at a phase boundary once it "
+                                       "has shrunk by this fraction of the original parameters since the last "
+                                       "snapshot (NutePrune's i; default 0.01: every phase of a 20-phase run)")
+    distill_final_tokens: int = setting(0, minimum=0,
+                                        help="--distill progressive: after the last prune, train this many more "
+                                        "tokens (drawn beside --train-tokens) distilling from every snapshot in "
+                                        "order of growing size, ending on the original model (0 = no final stage)")
 
     def validate(self) -> None:
         """UsageError naming the flag for settings that cannot work, before anything is loaded."""
         super().validate()
+        loss_defaults = (self.kd_temperature, self.kd_layer_weight, self.ce_weight) == (1.0, 0.0, 0.0)
         checks = [
             (self.train_tokens is None or self.train_tokens >= self.seq_len,
              f"--train-tokens must be at least one --seq-len window ({self.seq_len} tokens)"),
@@ -458,6 +488,20 @@ class AccelConfig(CommandSettings):
             (self.warmup + self.decay <= 1.0,
              f"--warmup {self.warmup} plus --decay {self.decay} exceed 1: the two ramps would overlap"),
             (self.min_lr <= self.lr, f"--min-lr {self.min_lr} is above --lr {self.lr}; lower --min-lr"),
+            (not (self.fsdp and self.distill != "none"),
+             f"--distill {self.distill} keeps a whole teacher on every rank, which --fsdp (for models that do not fit "
+             f"one device) cannot afford; use DDP (drop --fsdp) or --distill none"),
+            (self.distill == "progressive" or self.distill_final_tokens == 0,
+             "--distill-final-tokens is the final stage of --distill progressive; add --distill progressive or drop "
+             "it"),
+            (self.distill_final_tokens == 0 or self.distill_final_tokens >= self.seq_len,
+             f"--distill-final-tokens must be 0 or at least one --seq-len window ({self.seq_len} tokens)"),
+            (self.distill_final_tokens == 0 or self.train_tokens is not None,
+             "--distill-final-tokens draws its windows beside --train-tokens; give --train-tokens so that some of the "
+             "training split is left for it"),
+            (self.distill != "none" or loss_defaults,
+             "--kd-temperature, --kd-layer-weight and --ce-weight shape the distillation loss; add --distill kd or "
+             "--distill progressive, or leave them at their defaults"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -121,7 +121,7 @@ def set_rng_state(state: dict) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """No "Writing model shards" bar in the middle of the training progress bars."""
     from transformers.utils import logging as hf_logging
 
@@ -159,7 +159,7 @@ def save_checkpoint(
     name = _free_name(directory, step)
     final = directory / name
     with atomic_dir(final, marker=None) as tmp:
-        with _quiet_transformers():
+        with quiet_transformers():
             save_pruned(model, tokenizer, tmp / MODEL_DIR, report=None)
         save_tree(trainer_state, tmp / TRAINER)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())

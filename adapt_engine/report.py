@@ -98,11 +98,20 @@ def _summary_lines(r: dict) -> list[str]:
     return lines
 
 
+def _teacher(t: dict) -> str:
+    if t.get("sequence"):  # accel --distill-final-tokens: every snapshot in turn
+        return f"{len(t['sequence'])} snapshots growing to {t['name']} ({t['params']:,} params)"
+    return f"{t['name']} ({t['params']:,} params)"
+
+
 def _phase_lines(r: dict) -> list[str]:
-    lines = ["", f"{'phase':>5} {'params':>12} {'steps':>6} {'tokens':>9} {'ppl':>9}"]
+    teachers = any(ph.get("teacher") for ph in r["phases"])  # accel --distill: the teacher of each phase
+    head = f"{'phase':>5} {'params':>12} {'steps':>6} {'tokens':>9} {'ppl':>9}"
+    lines = ["", head + ("  teacher" if teachers else "")]
     for ph in r["phases"]:
+        t = ph.get("teacher")
         lines.append(f"{ph['phase'] + 1:>5} {ph['params']:>12,} {ph['steps']:>6} {ph['tokens']:>9,} "
-                     f"{_ppl(ph['ppl']):>9}")
+                     f"{_ppl(ph['ppl']):>9}" + (f"  {_teacher(t)}" if t else ""))
     return lines
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -40,8 +41,12 @@ def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
 def train_step(
     train_model, optimizer, batch: torch.Tensor, *, lr: float, micro_batch: int, max_grad_norm: float,
     amp: torch.dtype | None = None, d: Dist = SINGLE, fused_loss_of: torch.nn.Module | None = None,
+    loss_fn: Callable[[torch.nn.Module, torch.nn.Module, torch.Tensor], tuple] | None = None,
 ) -> dict:
     """Forward/backward over one global batch in micro-batches, clip, AdamW. Returns loss and grad norm.
+
+    ``loss_fn(train_model, fused_loss_of, ids) -> (loss, {name: term})`` replaces the next-token loss (the
+    distillation loss); its named terms are averaged like the loss and returned under ``terms``.
 
     With ``fused_loss_of`` (the unwrapped model of ``train_model``) the loss is fused with its LM head
     (kernels.linear_cross_entropy: no batch x seq x vocab logits, the head still gets its gradient).
@@ -58,6 +63,7 @@ def train_step(
     per_rank = -(-n // d.world)  # the largest share of any rank
     n_micro = max(1, -(-per_rank // micro_batch))
     loss_sum = 0.0
+    term_sums: dict[str, float] = {}
     for k in range(n_micro):
         ids = mine[k * micro_batch:(k + 1) * micro_batch]
         weight = ids.shape[0] * tokens_per_seq / total_tokens * d.world
@@ -73,7 +79,11 @@ def train_step(
             ctx = train_model.no_sync()
         with ctx:
             with torch.autocast(d.device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
-                if fused_loss_of is not None:
+                if loss_fn is not None:
+                    loss, terms = loss_fn(train_model, fused_loss_of, ids)
+                    for name, value in terms.items():
+                        term_sums[name] = term_sums.get(name, 0.0) + float(value) * weight / d.world
+                elif fused_loss_of is not None:
                     loss = causal_lm_loss_through(train_model, fused_loss_of, ids)
                 else:
                     loss = train_model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -81,7 +91,8 @@ def train_step(
         loss_sum += float(loss.detach()) * weight / d.world
     # Decide on NaN/inf from values every rank shares (the summed loss, the all-reduced gradients' norm),
     # so that all ranks stop together instead of one rank leaving the others waiting in a collective.
-    loss_global = d.sum([loss_sum])[0]
+    names = sorted(term_sums)
+    loss_global, *term_values = d.sum([loss_sum, *(term_sums[k] for k in names)])
     norm = torch.nn.utils.clip_grad_norm_(train_model.parameters(), max_grad_norm)
     grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
     if not math.isfinite(loss_global):
@@ -92,4 +103,7 @@ def train_step(
         group["lr"] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_global, "grad_norm": grad_norm, "tokens": n * batch.shape[1]}
+    out = {"loss": loss_global, "grad_norm": grad_norm, "tokens": n * batch.shape[1]}
+    if loss_fn is not None:
+        out["terms"] = dict(zip(names, term_values))
+    return out

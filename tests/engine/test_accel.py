@@ -32,7 +32,8 @@ from adapt_engine.accel import (
     run,
     split_counts,
 )
-from adapt_engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from adapt_engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_trainer_state
+from adapt_engine.report import format_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -175,6 +176,25 @@ def reference(model_dir, tmp_path_factory):
     return run(_cfg(model_dir, tmp_path_factory.mktemp("reference") / "out", **REF))
 
 
+def distill_settings(mode: str) -> dict:
+    """--distill with a gap the tiny model's phases (about 10 % of its parameters each) can span."""
+    return dict(distill=mode, distill_gap=0.05, snapshot_interval=0.0, kd_layer_weight=0.5)
+
+
+@pytest.fixture(scope="module")
+def distill_reference(model_dir, tmp_path_factory):
+    """Uninterrupted single-process runs with --distill kd / progressive (made on first use)."""
+    made: dict = {}
+
+    def get(mode: str):
+        if mode not in made:
+            out = tmp_path_factory.mktemp(f"reference-{mode}") / "out"
+            made[mode] = run(_cfg(model_dir, out, **REF, **distill_settings(mode)))
+        return made[mode]
+
+    return get
+
+
 @pytest.mark.parametrize("checkpoint_every,stop", [(0, 4), (2, 5)])
 def test_resume_after_interrupt_matches_uninterrupted(model_dir, tmp_path, reference, checkpoint_every, stop):
     """(0, 4): resumes at the phase-2/3 boundary (re-prunes from the saved scores); (2, 5): mid-phase."""
@@ -191,13 +211,18 @@ def test_resume_after_interrupt_matches_uninterrupted(model_dir, tmp_path, refer
     assert sum(json.loads(x)["event"] == "step" for x in lines) == 6  # replayed steps are not logged twice
 
 
-def test_resume_after_sigkill_matches_uninterrupted(model_dir, tmp_path, reference):
-    cfg = _cfg(model_dir, tmp_path / "killed", checkpoint_every=1, **REF)
+@pytest.mark.parametrize("mode", ["none", "progressive"])
+def test_resume_after_sigkill_matches_uninterrupted(model_dir, tmp_path, reference, distill_reference, mode):
+    kw = REF if mode == "none" else {**REF, **distill_settings(mode)}
+    expected = reference if mode == "none" else distill_reference(mode)
+    cfg = _cfg(model_dir, tmp_path / "killed", checkpoint_every=1, **kw)
     cmd = [sys.executable, "-m", "adapt_engine.cli", "accel", "--model", str(model_dir), "--output", cfg.output,
            "--sparsity", "0.4", "--interleaves", "3", "--train-tokens", str(cfg.train_tokens), "--seq-len", "16",
            "--global-batch", "8", "--micro-batch", "2", "--lr", "2e-3", "--min-lr", "2e-4", "--calib-samples", "8",
            "--calib-seq-len", "16", "--calib-batch-size", "4", "--val-tokens", "256", "--prune-steps", "1",
            "--saliency", "train", "--checkpoint-every", "1"]
+    if mode != "none":
+        cmd += ["--distill", mode, "--distill-gap", "0.05", "--snapshot-interval", "0", "--kd-layer-weight", "0.5"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     pointer = cfg.run_dir() / "checkpoints" / "latest.json"
@@ -211,8 +236,86 @@ def test_resume_after_sigkill_matches_uninterrupted(model_dir, tmp_path, referen
         proc.kill()
         proc.wait()
     assert not Path(cfg.output).exists()
-    resumed = run(_cfg(model_dir, tmp_path / "killed", checkpoint_every=1, resume=True, **REF))
-    _assert_same_weights(reference.model, resumed.model)
+    resumed = run(_cfg(model_dir, tmp_path / "killed", checkpoint_every=1, resume=True, **kw))
+    _assert_same_weights(expected.model, resumed.model)
+
+
+def test_distill_runs_report_their_teachers_and_log_their_terms(model_dir, distill_reference):
+    kd, progressive = distill_reference("kd"), distill_reference("progressive")
+    original = kd.report["params_before"]
+    assert [p["teacher"] for p in kd.report["phases"]] == [{"name": "snapshot-original", "params": original}] * 3
+    teachers = [p["teacher"] for p in progressive.report["phases"]]
+    sizes = [original] + [p["params"] for p in progressive.report["phases"]]
+    # each phase's student is taught by the previous phase's model: it is at least 5 % of the original larger
+    assert teachers == [{"name": "snapshot-original", "params": original},
+                        {"name": "snapshot-phase-001", "params": sizes[1]},
+                        {"name": "snapshot-phase-002", "params": sizes[2]}]
+    assert all((t["params"] - s) / original >= 0.05 for t, s in zip(teachers, sizes[1:]))
+    out = Path(progressive.report["settings"]["output"])
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["event"] == "step"]
+    assert all(r["kl"] > 0 and r["layer"] > 0 and "ce" not in r for r in steps)
+    assert all(r["loss"] == pytest.approx(r["kl"] + 0.5 * r["layer"]) for r in steps)
+    assert [r["name"] for r in records if r["event"] == "snapshot"] == ["snapshot-phase-001", "snapshot-phase-002"]
+    assert not Path(str(out) + ".accel").exists()  # snapshots removed with the checkpoints after success
+    assert "snapshot-phase-002 (" in format_report(progressive.report)
+    assert kd.report["ppl_after"] != progressive.report["ppl_after"]  # the later teachers differ
+
+
+@pytest.mark.parametrize("mode,checkpoint_every,stop", [("kd", 2, 5), ("progressive", 0, 4), ("progressive", 2, 5)])
+def test_distill_resume_matches_uninterrupted(model_dir, tmp_path, distill_reference, mode, checkpoint_every, stop):
+    """Killed (by an exception) mid-phase, or at a phase boundary where the next teacher is still to be chosen;
+    the resumed run reloads its teacher from the recorded snapshot and ends bitwise equal."""
+    kw = {**REF, **distill_settings(mode)}
+    cfg = _cfg(model_dir, tmp_path / "cut", checkpoint_every=checkpoint_every, **kw)
+    with pytest.raises(Interrupt):
+        run(cfg, on_step=_interrupt_at(stop))
+    tree = load_trainer_state(latest_checkpoint(cfg.run_dir() / "checkpoints"))
+    assert tree["distill"]["snapshots"][0]["name"] == "snapshot-original"
+    with pytest.raises(CheckpointError, match="kd_temperature: checkpoint 1.0, now 2.0"):
+        run(_cfg(model_dir, tmp_path / "cut", checkpoint_every=checkpoint_every, resume=True, kd_temperature=2.0,
+                 **kw))
+    resumed = run(_cfg(model_dir, tmp_path / "cut", checkpoint_every=checkpoint_every, resume=True, **kw))
+    expected = distill_reference(mode)
+    _assert_same_weights(expected.model, resumed.model)
+    assert resumed.report["phases"] == expected.report["phases"]
+
+
+def test_final_stage_distils_from_growing_teachers_and_resumes_exactly(model_dir, tmp_path):
+    """--distill-final-tokens: 16 more windows (2 steps) after the 3 phases, the teacher growing from the
+    smallest snapshot to the original; interrupted inside that stage, the resumed run ends bitwise equal."""
+    kw = {**REF, **distill_settings("progressive"), "distill_final_tokens": 16 * 16, "checkpoint_every": 1}
+    whole = run(_cfg(model_dir, tmp_path / "whole", **kw))
+    phases = whole.report["phases"]
+    assert [p["steps"] for p in phases] == [1, 2, 3, 2]
+    assert phases[-1]["params"] == phases[-2]["params"]  # the final stage does not prune
+    assert phases[-1]["teacher"]["sequence"] == ["snapshot-phase-002", "snapshot-phase-001", "snapshot-original"]
+    records = [json.loads(x) for x in (Path(whole.report["settings"]["output"]) / "metrics.jsonl").read_text()
+               .splitlines()]
+    final_steps = [r for r in records if r["event"] == "step" and r["phase"] == 3]
+    # 2 steps for 3 teachers: the split counts from the end, so the last step is the original's
+    assert [r["teacher"] for r in final_steps] == ["snapshot-phase-001", "snapshot-original"]
+    assert whole.report["tokens_used"] == (48 + 16) * 16 and whole.report["optimizer_steps"] == 8
+    assert "3 snapshots growing to snapshot-original" in format_report(whole.report)
+    cfg = _cfg(model_dir, tmp_path / "cut", **kw)
+    with pytest.raises(Interrupt):
+        run(cfg, on_step=_interrupt_at(7))
+    resumed = run(_cfg(model_dir, tmp_path / "cut", resume=True, **kw))
+    _assert_same_weights(whole.model, resumed.model)
+    with pytest.raises(ValueError, match="--distill progressive"):
+        AccelConfig.from_flat(output="o", sparsity=0.5, distill="kd", distill_final_tokens=512).validate()
+    with pytest.raises(ValueError, match="give --train-tokens"):
+        AccelConfig.from_flat(output="o", sparsity=0.5, distill="progressive", distill_final_tokens=512).validate()
+
+
+def test_distill_settings_are_checked_before_anything_loads():
+    with pytest.raises(ValueError, match="--fsdp"):
+        AccelConfig.from_flat(output="o", sparsity=0.5, distill="kd", fsdp=True).validate()
+    with pytest.raises(ValueError, match="--distill kd or --distill progressive"):
+        AccelConfig.from_flat(output="o", sparsity=0.5, ce_weight=0.5).validate()
+    with pytest.raises(ValueError, match="--distill-gap"):
+        AccelConfig.from_flat(output="o", sparsity=0.5, distill="progressive", distill_gap=0.0).validate()
+    AccelConfig.from_flat(output="o", sparsity=0.5, distill="progressive", ce_weight=0.5).validate()
 
 
 def test_corrupt_and_mismatched_checkpoints_are_clear_errors(model_dir, tmp_path):
@@ -295,10 +398,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_single_process(model_dir, tmp_path, reference):
-    """The same global batch on 2 gloo ranks, with DDP and then with FSDP2 (which also checkpoints
-    mid-phase, gathering its shards back): the ranks end bitwise identical, and equal to one process up
-    to the order of the gradient reductions."""
+def test_two_processes_match_single_process(model_dir, tmp_path, reference, distill_reference):
+    """The same global batch on 2 gloo ranks, with DDP, with FSDP2 (which also checkpoints mid-phase, gathering
+    its shards back) and with DDP under --distill progressive (each rank loads the teachers rank 0 snapshots):
+    the ranks end bitwise identical, and equal to one process up to the order of the gradient reductions."""
     from dataclasses import asdict
 
     # 8 calibration samples in batches of 4: one batch per rank, so the summed saliency is the same sum.
@@ -307,7 +410,8 @@ def test_two_processes_match_single_process(model_dir, tmp_path, reference):
     fsdp = _cfg(model_dir, tmp_path / "fsdp", micro_batch=2, fsdp=True, checkpoint_every=2)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    plan = json.dumps([(asdict(ddp), _free_port()), (asdict(fsdp), _free_port())])
+    progressive = _cfg(model_dir, tmp_path / "progressive", **REF, **distill_settings("progressive"))
+    plan = json.dumps([(asdict(c), _free_port()) for c in (ddp, fsdp, progressive)])
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
@@ -317,8 +421,9 @@ def test_two_processes_match_single_process(model_dir, tmp_path, reference):
     errs = [p.communicate(timeout=600)[1].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
     fsdp_reference = run(_cfg(model_dir, tmp_path / "single", micro_batch=2))
-    singles = [reference.model.state_dict(), fsdp_reference.model.state_dict()]
-    for i, (mode, single) in enumerate(zip(("ddp", "fsdp"), singles)):
+    singles = [reference.model.state_dict(), fsdp_reference.model.state_dict(),
+               distill_reference("progressive").model.state_dict()]
+    for i, (mode, single) in enumerate(zip(("ddp", "fsdp", "progressive"), singles)):
         r0 = torch.load(tmp_path / f"run{i}-rank0.pt")
         r1 = torch.load(tmp_path / f"run{i}-rank1.pt")
         assert r0.keys() == r1.keys() == single.keys()

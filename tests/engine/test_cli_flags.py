@@ -17,13 +17,17 @@ FIXTURE = Path(__file__).parent / "data" / "cli_flags.json"
 # issue 12 (bench in a serving engine), issue 13 (calibration micro-batches and dtype), issue 18 (quality levers;
 # accel takes only the layer-importance scale; issue 13 also: the float32 matmul mode), issue 12 part 2 (prune for
 # the engine that will serve the model), issue 17 (AdaPruner: prune only some layers, Eq. 5's metric blend, the
-# aggregation over a group's members, the calibration windows a search chose).
+# aggregation over a group's members, the calibration windows a search chose), issue 16 (accel's knowledge
+# distillation).
 CALIB = {"--calib-micro-batch", "--calib-dtype", "--fp32-matmul", "--importance-scale"}
 QUALITY = {"--compensate", "--compensate-damp", "--calib-resample", "--mlp-select"}
 DEPLOY = {"--deploy-target", "--kv-merge"}
 ADAPRUNER = {"--layers", "--aggregate", "--mix-alpha", "--mix-scale"}
+DISTILL = {"--distill", "--kd-temperature", "--kd-layer-weight", "--ce-weight", "--teacher-dtype", "--distill-gap",
+           "--snapshot-interval", "--distill-final-tokens"}
 ADDED = {"prune": CALIB | QUALITY | DEPLOY | ADAPRUNER | {"--offload", "--calib-indices", "--from-search"},
-         "eval": set(), "bench": {"--engine", "--concurrency"}, "accel": {"--no-bench"} | CALIB | DEPLOY | ADAPRUNER}
+         "eval": set(), "bench": {"--engine", "--concurrency"},
+         "accel": {"--no-bench"} | CALIB | DEPLOY | ADAPRUNER | DISTILL}
 # Choices added to existing flags since the fixture (appended, so the old ones keep their order): issue 17's blend.
 ADDED_CHOICES = {"--importance": ["mix"]}
 

@@ -1,0 +1,160 @@
+"""The knowledge-distillation loss of ``accel --distill`` (NutePrune, seeds/003 Eq. 5-7):
+
+    L = T² · KL(p_teacher/T ‖ p_student/T) + α · Σ_l MSE(h_l^student, h_l^teacher) + ce_weight · CE
+
+The KL term never holds a batch's logits. Like the fused cross-entropy (``kernels/linear_ce.py``), it walks
+the tokens in chunks: per chunk the student's and the teacher's logits are made from their last hidden
+states and LM heads, turned into the chunk's KL and, in the same pass, into the gradient with respect to
+the student's logits, ``T · (softmax(z_s/T) − softmax(z_t/T))``; two matrix products turn that into the
+chunk's gradients for the student's hidden states and LM head. Peak extra memory is about five
+chunk × vocab float32 buffers (``CHUNK_ELEMS`` elements each: 32 MB, so about 160 MB whatever the batch),
+the hidden-state gradient (shaped like the hidden states) and, when the head trains, one float32 buffer
+shaped like the head (SmolLM2: 49,152 × 576, 113 MB) — instead of batch × seq × vocab logits for each model.
+
+The teacher runs under ``torch.no_grad`` and is never an input of the autograd graph, so gradients flow only
+into the student. With teacher == student (same weights, same dtype) both logit chunks are bitwise equal,
+so every log-ratio, the KL and its gradient are exactly 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .adapters import fused_lm_head
+from .errors import UsageError
+from .kernels import linear_cross_entropy
+from .lm_loss import IGNORE_INDEX, shifted_targets
+
+CHUNK_ELEMS = 1 << 23  # logits per chunk and model (32 MB in float32)
+
+
+def _chunk_pass(hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.Tensor, temperature: float,
+                want_grad_h: bool, want_grad_w: bool, rows: int):
+    """One walk over the tokens: (summed KL, grad wrt hs or None, float32 grad wrt ws or None), unscaled by 1/N."""
+    n = hs.shape[0]
+    total = torch.zeros((), dtype=torch.float64, device=hs.device)
+    grad_h = torch.empty_like(hs) if want_grad_h else None
+    grad_w = torch.zeros(ws.shape, dtype=torch.float32, device=ws.device) if want_grad_w else None
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        zs = (hs[r0:r1] @ ws.t()).float()
+        zt = (ht[r0:r1] @ wt.t()).float()
+        log_q = F.log_softmax(zs / temperature, dim=1)
+        log_p = F.log_softmax(zt / temperature, dim=1)
+        p = log_p.exp()
+        total += (p * (log_p - log_q)).sum(dtype=torch.float64)
+        if grad_h is None and grad_w is None:
+            continue
+        # d(T²·KL)/dz_s = T·(q − p)
+        g = log_q.exp_().sub_(p).mul_(temperature).to(hs.dtype)
+        if grad_h is not None:
+            torch.mm(g, ws, out=grad_h[r0:r1])
+        if grad_w is not None:
+            grad_w += (g.t() @ hs[r0:r1]).float()
+    return total, grad_h, grad_w
+
+
+class LinearKLFunction(torch.autograd.Function):
+    """Mean over tokens of T²·KL(softmax(ht·wtᵀ/T) ‖ softmax(hs·wsᵀ/T)); gradients computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hs, ws, ht, wt, temperature, rows):  # noqa: D102
+        n = hs.shape[0]
+        total, grad_h, grad_w = _chunk_pass(hs, ws, ht, wt, temperature, ctx.needs_input_grad[0],
+                                            ctx.needs_input_grad[1], rows)
+        ctx.ws_dtype = ws.dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.scale = 1.0 / max(1, n)
+        return (total * (temperature ** 2) / max(1, n)).float()
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_out.float() * ctx.scale
+        if grad_h is not None:
+            grad_h = grad_h * scale.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * scale).to(ctx.ws_dtype)
+        return grad_h, grad_w, None, None, None, None
+
+
+def linear_kl(student_hidden: torch.Tensor, student_head: torch.Tensor, teacher_hidden: torch.Tensor,
+              teacher_head: torch.Tensor, temperature: float = 1.0, chunk: int | None = None) -> torch.Tensor:
+    """T²-scaled KL(teacher ‖ student) of the softmaxes at temperature T, averaged over tokens, in token chunks.
+
+    ``*_hidden`` are (..., H) last hidden states of the same tokens, ``*_head`` the (V, H) LM heads. Under
+    autocast the student's inputs are cast to the autocast dtype, as ``nn.Linear`` would; the softmaxes are
+    float32. The teacher's tensors are detached: no gradient reaches them.
+    """
+    if student_head.shape[0] != teacher_head.shape[0]:
+        raise UsageError(f"--distill: the student's vocabulary ({student_head.shape[0]}) and the teacher's "
+                         f"({teacher_head.shape[0]}) differ; distil only between versions of one model")
+    device_type = student_hidden.device.type
+    hs, ws = student_hidden, student_head
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hs, ws = hs.to(dtype), ws.to(dtype)
+    hs = hs.reshape(-1, hs.shape[-1]).contiguous()
+    ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).contiguous()
+    rows = chunk or max(1, CHUNK_ELEMS // max(1, ws.shape[0]))
+    with torch.autocast(device_type, enabled=False):
+        return LinearKLFunction.apply(hs, ws.contiguous(), ht, teacher_head.detach().contiguous(),
+                                      float(temperature), rows)
+
+
+def layer_mse(student_states, teacher_states) -> torch.Tensor:
+    """Σ over decoder layers of the mean squared difference of their outputs (float32)."""
+    if len(student_states) != len(teacher_states):
+        raise UsageError(f"--kd-layer-weight: the student has {len(student_states) - 1} decoder layers and the "
+                         f"teacher {len(teacher_states) - 1}; the layer term needs them to match (use "
+                         f"--kd-layer-weight 0)")
+    total = student_states[0].new_zeros((), dtype=torch.float32)
+    for s, t in zip(student_states[1:], teacher_states[1:]):  # [0] is the embedding output, not a layer's
+        if s.shape != t.shape:
+            raise UsageError(f"--kd-layer-weight: student hidden states {tuple(s.shape)} and teacher hidden states "
+                             f"{tuple(t.shape)} differ in size (a mode that prunes the hidden size); the layer term "
+                             f"needs equal sizes: use --kd-layer-weight 0")
+        total = total + F.mse_loss(s.float(), t.detach().float())
+    return total
+
+
+@dataclass
+class DistillLoss:
+    """The loss of one micro-batch against a frozen ``teacher``: ``(loss, {"kl", "layer", "ce"})``."""
+
+    teacher: torch.nn.Module
+    temperature: float = 1.0
+    layer_weight: float = 0.0
+    ce_weight: float = 0.0
+
+    def __call__(self, forward_model: torch.nn.Module, model: torch.nn.Module,
+                 input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Student forward through ``forward_model`` (e.g. DDP around ``model``), teacher forward without grad."""
+        head, t_head = fused_lm_head(model), fused_lm_head(self.teacher)
+        if head is None or t_head is None:
+            raise UsageError("--distill needs a model whose logits are its LM head applied to the last hidden "
+                             "state (not Gemma 2/3's soft-capped or Granite's scaled logits); use --distill none")
+        want_layers = self.layer_weight > 0
+        with torch.no_grad():
+            t_out = self.teacher(input_ids=input_ids, use_cache=False, logits_to_keep=1, output_hidden_states=True)
+        out = forward_model(input_ids=input_ids, use_cache=False, logits_to_keep=1, output_hidden_states=True)
+        hs, ht = out.hidden_states, t_out.hidden_states
+        if hs[-1].shape[-1] != ht[-1].shape[-1]:
+            raise UsageError(f"--distill: the student's hidden size {hs[-1].shape[-1]} differs from the teacher's "
+                             f"{ht[-1].shape[-1]}; the logit and layer terms need equal hidden sizes")
+        # Positions with a next token, as the cross-entropy counts them (the step weights assume L − 1 per row).
+        kl = linear_kl(hs[-1][:, :-1], head.weight, ht[-1][:, :-1], t_head.weight, self.temperature)
+        loss = kl
+        terms = {"kl": kl.detach()}
+        if want_layers:
+            layer = layer_mse(hs, ht)
+            loss = loss + self.layer_weight * layer
+            terms["layer"] = layer.detach()
+        if self.ce_weight > 0:
+            ce = linear_cross_entropy(hs[-1], head.weight, shifted_targets(input_ids), ignore_index=IGNORE_INDEX)
+            loss = loss + self.ce_weight * ce
+            terms["ce"] = ce.detach()
+        return loss, terms
