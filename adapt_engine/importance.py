@@ -17,7 +17,7 @@ from torch import nn
 
 from .adapters import DecoderAdapter
 from .args import CALIB_DTYPES, GRADIENT_IMPORTANCES, SIMILARITIES
-from .groups import GroupScores, Member, group_members
+from .groups import GroupScores, Member, group_members, stem_members
 from .kernels import group_saliency
 from .lm_loss import causal_lm_loss
 
@@ -126,18 +126,23 @@ def _score_tensor(
 class SaliencyCollector:
     """Reduces each gradient to group scores as soon as it is accumulated, then frees it."""
 
-    def __init__(self, adapter: DecoderAdapter, metric: str = "taylor"):
+    def __init__(self, adapter: DecoderAdapter, metric: str = "taylor", stem: bool = False):
         if metric not in GRADIENT_IMPORTANCES:
             raise ValueError(f"gradient saliency metric must be taylor, vectorize or param_mix, got '{metric}'")
         self.adapter = adapter
         self.metric = metric
-        self.members = group_members(adapter)
+        # A projection weight feeds two groups when stem channels are scored: its head/channel and the hidden
+        # channels of its input columns (q/k/v/gate/up) or output rows (o/down).
+        self.members: dict[nn.Parameter, list[Member]] = {p: [m] for p, m in group_members(adapter).items()}
+        if stem:
+            for p, m in stem_members(adapter).items():
+                self.members.setdefault(p, []).append(m)
         device = next(adapter.model.parameters()).device
-        self.scores = GroupScores.zeros(adapter, device=device)
+        self.scores = GroupScores.zeros(adapter, device=device, stem=stem)
         # 'vectorize' sums w*g signed over each whole group (all its matrices) per micro-batch, then takes |.|;
-        # param_mix needs a Fisher trace per parameter.
-        self._signed = GroupScores.zeros(adapter, device=device) if metric == "vectorize" else None
-        self._fisher: dict[nn.Parameter, torch.Tensor] = {}
+        # param_mix needs a Fisher trace per parameter (and per bucket, as each call accumulates it).
+        self._signed = GroupScores.zeros(adapter, device=device, stem=stem) if metric == "vectorize" else None
+        self._fisher: dict[tuple[nn.Parameter, str], torch.Tensor] = {}
         self._handles: list = []
         # True while the micro-batches of one batch before its last run their backward: gradients
         # are summed into .grad and scored once, so the scores are those of the whole batch.
@@ -146,15 +151,17 @@ class SaliencyCollector:
     def _hook(self, param: nn.Parameter) -> None:
         if self.accumulating:  # a micro-batch that is not its batch's last: keep summing into .grad
             return
-        member = self.members[param]
-        out = self.scores.bucket(member.layer, member.bucket)
-        if self._signed is not None:
-            _score_tensor(param, param.grad, member, "vectorize", self._signed.bucket(member.layer, member.bucket))
-        else:
-            fisher = None
-            if self.metric == "param_mix":
-                fisher = self._fisher.setdefault(param, torch.zeros_like(param, dtype=torch.float32))
-            _score_tensor(param, param.grad, member, self.metric, out, fisher=fisher)
+        for member in self.members[param]:
+            out = self.scores.bucket(member.layer, member.bucket)
+            if self._signed is not None:
+                _score_tensor(param, param.grad, member, "vectorize",
+                              self._signed.bucket(member.layer, member.bucket))
+            else:
+                fisher = None
+                if self.metric == "param_mix":
+                    fisher = self._fisher.setdefault((param, member.bucket),
+                                                     torch.zeros_like(param, dtype=torch.float32))
+                _score_tensor(param, param.grad, member, self.metric, out, fisher=fisher)
         param.grad = None  # freed at once: the model's gradients never all exist together
 
     def end_micro_batch(self) -> None:
@@ -184,19 +191,19 @@ class SaliencyCollector:
                 p.grad = None
 
 
-def magnitude_scores(adapter: DecoderAdapter) -> GroupScores:
+def magnitude_scores(adapter: DecoderAdapter, stem: bool = False) -> GroupScores:
     """Σ|W| per group: the data-free baseline."""
-    members = group_members(adapter)
     device = next(adapter.model.parameters()).device
-    scores = GroupScores.zeros(adapter, device=device)
-    for p, m in members.items():
-        _score_tensor(p, None, m, "magnitude", scores.bucket(m.layer, m.bucket))
+    scores = GroupScores.zeros(adapter, device=device, stem=stem)
+    for members in (group_members(adapter), stem_members(adapter) if stem else {}):
+        for p, m in members.items():
+            _score_tensor(p, None, m, "magnitude", scores.bucket(m.layer, m.bucket))
     return scores
 
 
-def random_scores(adapter: DecoderAdapter, generator: torch.Generator) -> GroupScores:
+def random_scores(adapter: DecoderAdapter, generator: torch.Generator, stem: bool = False) -> GroupScores:
     """Uniform random scores: the chance baseline."""
-    scores = GroupScores.zeros(adapter)
+    scores = GroupScores.zeros(adapter, stem=stem)
     for t in scores.all_tensors():
         t.copy_(torch.rand(t.shape, generator=generator))
     return scores
@@ -239,6 +246,7 @@ def calibration_pass(
     calib_dtype: str = "float32",
     micro_batch_size: int | None = None,
     observers: tuple = (),
+    stem: bool = False,
 ) -> tuple[torch.Tensor | None, GroupScores | None, float]:
     """One pass over the calibration set: raw layer importances, gradient saliency, mean loss.
 
@@ -253,13 +261,14 @@ def calibration_pass(
     whole batch while the activations held are those of one micro-batch (the held gradients cost
     one fp32 copy of the prunable weights).
     ``observers`` are extra hook holders (``.attached()`` context managers, e.g. compensation statistics)
-    that watch the same forward pass.
+    that watch the same forward pass. ``stem`` also scores hidden channels (the embedding, LM head and norms then
+    take gradients too).
     """
     model = adapter.model
     device = next(model.parameters()).device
     autocast = calib_autocast(calib_dtype, device, next(model.parameters()).dtype)
     sim = LayerSimilarity(adapter, similarity) if similarity else None
-    collector = SaliencyCollector(adapter, saliency_metric) if saliency_metric else None
+    collector = SaliencyCollector(adapter, saliency_metric, stem) if saliency_metric else None
     was_training = model.training
     model.eval()  # no dropout: saliency of the deterministic model
     total_loss, batches = 0.0, 0

@@ -19,8 +19,12 @@ FIXTURE = Path(__file__).parent / "data" / "cli_flags.json"
 CALIB = {"--calib-micro-batch", "--calib-dtype", "--importance-scale"}
 QUALITY = {"--compensate", "--compensate-damp", "--calib-resample"}
 DEPLOY = {"--deploy-target", "--kv-merge"}
-ADDED = {"prune": CALIB | QUALITY | DEPLOY | {"--offload"}, "eval": set(), "bench": {"--engine", "--concurrency"},
-         "accel": {"--no-bench"} | CALIB | DEPLOY}
+# Issue 15 (EfficientLLM mode): group types, one global ranking, standard shapes.
+STEM = {"--groups", "--uniform-shape"}
+ADDED = {"prune": CALIB | QUALITY | DEPLOY | STEM | {"--offload"}, "eval": set(), "bench": {"--engine", "--concurrency"},
+         "accel": {"--no-bench"} | CALIB | DEPLOY | STEM}
+# Choices added since the fixture was captured (issue 15).
+ADDED_CHOICES = {"--allocation": ["global"]}
 
 
 def _current() -> dict:
@@ -39,6 +43,8 @@ def test_flags_defaults_and_choices_are_unchanged(command):
     for flag, fields in before["flags"].items():
         for key, value in fields.items():
             got = now["flags"][flag][key]
+            if key == "choices" and flag in ADDED_CHOICES:
+                value = value + ADDED_CHOICES[flag]
             assert got == value, f"{command} {flag}: {key} was {value!r}, now {got!r}"
     assert now["exclusive"] == before["exclusive"]
     assert now["exclusive_required"] == before["exclusive_required"]
