@@ -114,7 +114,8 @@ def run_prune(cfg: PruneRunSettings) -> RunReport:
         report.wall_seconds = time.perf_counter() - t_start
         report.peak_rss_mb = peak_memory_mb(cfg.device)
         finish_run(report, model, tokenizer, cfg.output, dense=cfg.loading, bench=not cfg.no_bench,
-                   write_weights=streamed.write_weights if streamed is not None else None)
+                   write_weights=streamed.write_weights if streamed is not None else None,
+                   standard=cfg.uniform_shape)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -127,13 +128,15 @@ def _prune_and_report(cfg: PruneRunSettings, model, adapter: DecoderAdapter, str
     pruner = AdaptPruner(model, cfg.prune, calib, calib_sampler=sampler, streamed=streamed, scratch=scratch)
     target = cfg.target_params if cfg.target_params is not None else pruner.target_from_sparsity(cfg.sparsity)
     widths_before = [asdict(s) for s in adapter.shapes()]
-    details = {"layer_params_before": _layer_params(adapter), "prunable_before": adapter.prunable_params()}
+    details = {"layer_params_before": _layer_params(adapter), "prunable_before": adapter.prunable_params(),
+               "hidden_size_before": adapter.hidden_size}
     params_before = count_params(model)
     _prune_with_progress(pruner, target, cfg.prune.steps, calib)
     after = _heldout_ppl(model, eval_ids, cfg.eval_tokens, streamed)
     params_after = count_params(model)
     details.update(prunable_after=adapter.prunable_params(), layer_params_after=_layer_params(adapter),
-                   round_to=cfg.round_to, history=pruner.history, offload="layer" if streamed else "none")
+                   round_to=cfg.round_to, history=pruner.history, offload="layer" if streamed else "none",
+                   hidden_size_after=adapter.hidden_size)
     if cfg.round_to > 1:
         details["rounding_cost_params"] = params_after - int(target)
     report = RunReport(

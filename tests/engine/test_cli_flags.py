@@ -21,8 +21,8 @@ QUALITY = {"--compensate", "--compensate-damp", "--calib-resample"}
 DEPLOY = {"--deploy-target", "--kv-merge"}
 # Issue 15 (EfficientLLM mode): group types, one global ranking, standard shapes.
 STEM = {"--groups", "--uniform-shape"}
-ADDED = {"prune": CALIB | QUALITY | DEPLOY | STEM | {"--offload"}, "eval": set(), "bench": {"--engine", "--concurrency"},
-         "accel": {"--no-bench"} | CALIB | DEPLOY | STEM}
+ADDED = {"prune": CALIB | QUALITY | DEPLOY | STEM | {"--offload"}, "eval": set(),
+         "bench": {"--engine", "--concurrency"}, "accel": {"--no-bench"} | CALIB | DEPLOY | STEM}
 # Choices added since the fixture was captured (issue 15).
 ADDED_CHOICES = {"--allocation": ["global"]}
 
