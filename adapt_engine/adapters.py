@@ -116,7 +116,12 @@ class DecoderAdapter:
         self.layers: list[nn.Module] = list(layers)
         attn = self.layers[0].self_attn
         self.head_dim: int = attn.head_dim
-        self.hidden_size: int = self.config.hidden_size
+
+    @property
+    def hidden_size(self) -> int:
+        """The residual-stream width, from the config that every adapter of this model shares (stem pruning
+        updates it)."""
+        return self.config.hidden_size
 
     # -- module access -------------------------------------------------------------------------
     @staticmethod
@@ -229,7 +234,7 @@ class DecoderAdapter:
             if hasattr(layer, "hidden_size"):
                 layer.hidden_size = hidden
             self.sync_layer(i)
-        self.hidden_size = hidden
+        self.config.hidden_size = hidden
 
     def keep_embedding_scale(self, old_hidden: int, optimizer=None) -> None:
         """Gemma multiplies embeddings by sqrt(hidden_size), and a reload rebuilds that factor from the new size:
@@ -253,8 +258,7 @@ class DecoderAdapter:
                 final.copy_((1.0 + final) / ratio - 1.0)
 
     def record_hidden(self) -> None:
-        """Write the hidden size into the config, with head_dim explicit once hidden / heads no longer gives it."""
-        self.config.hidden_size = self.hidden_size
+        """Make head_dim explicit in the config once hidden / heads no longer gives it."""
         if getattr(self.config, "head_dim", None) != self.head_dim:
             self.config.head_dim = self.head_dim
 

@@ -60,10 +60,11 @@ def test_stem_pruned_logits_equal_masked_reference(family, gqa):
     keep = _random_keep(48, 36, seed=3)  # a multiple of every tiny config's heads
     ref = masked_reference(dense, keep)
     pruned = copy.deepcopy(dense)
-    adapter = DecoderAdapter(pruned)
+    adapter, other = DecoderAdapter(pruned), DecoderAdapter(pruned)
     before = count_params(pruned)
     prune_stem(adapter, keep)
     assert pruned.config.hidden_size == 36 and adapter.hidden_size == 36
+    assert other.hidden_size == 36  # every adapter of the model sees the new width (reports use their own)
     assert pruned.config.head_dim == 8
     # Exactly the stem members lost 12 channels each (a tied head once).
     per_channel = sum(p.numel() // p.shape[d] for p, d in DecoderAdapter(copy.deepcopy(dense)).stem_members())
