@@ -658,7 +658,8 @@ def build_report(run: AccelRun, state: AccelState) -> RunReport:
         ppl_after=phases[-1]["ppl"] if phases else None, wall_seconds=time.perf_counter() - run.t_start,
         peak_rss_mb=peak_memory_mb(cfg.device),
         details={"optimizer_steps": run.total_steps, "tokens_used": state.position["tokens"], "phases": phases,
-                 "prune_history": state.pruner.history},
+                 "prune_history": state.pruner.history, "hidden_size_before": state.pruner.original_hidden,
+                 "hidden_size_after": DecoderAdapter(state.model).hidden_size},
     )
 
 
@@ -683,7 +684,8 @@ def finish(run: AccelRun, state: AccelState) -> AccelResult:
         run.teacher.release()  # before the end-of-run bench loads the dense model
     if run.d.main:
         finish_run(report, state.model, run.tokenizer, run.cfg.output, dense=run.cfg.loading,
-                   bench=not run.cfg.no_bench, extra=lambda out: _write_run_files(run, out))
+                   bench=not run.cfg.no_bench, extra=lambda out: _write_run_files(run, out),
+                   standard=run.cfg.uniform_shape)
         if not run.cfg.keep_checkpoints:
             remove_run_folders(run)
     run.d.barrier()

@@ -14,8 +14,10 @@ Cohere and StableLM with qk-norm) or whose projections are fused (Phi-3, GLM) ar
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .errors import AdaptEngineError
@@ -59,6 +61,13 @@ def _spec(model_type: str, module: str, prefix: str, config_class: str | None = 
 
 
 FAMILIES: dict[str, FamilySpec] = {row[0]: _spec(*row) for row in _FAMILY_TABLE}
+
+# Families that multiply the embedding output by sqrt(hidden_size) (a buffer rebuilt from the config on reload)
+# and whose RMSNorms scale by (1 + w): stem pruning folds the changed scale into the weights (keep_embedding_scale).
+_SQRT_HIDDEN_EMBEDDING = {"gemma", "gemma2", "gemma3_text"}
+# Families whose config refuses a hidden_size that is not a multiple of num_attention_heads (transformers' strict
+# config validation), although head_dim is explicit: stem pruning keeps such multiples (hidden_multiple).
+_HIDDEN_DIVISIBLE_BY_HEADS = {"llama", "gemma2", "gemma3_text"}
 
 PRUNED_PREFIX = "adapt_pruned_"
 
@@ -107,7 +116,12 @@ class DecoderAdapter:
         self.layers: list[nn.Module] = list(layers)
         attn = self.layers[0].self_attn
         self.head_dim: int = attn.head_dim
-        self.hidden_size: int = self.config.hidden_size
+
+    @property
+    def hidden_size(self) -> int:
+        """The residual-stream width, from the config that every adapter of this model shares (stem pruning
+        updates it)."""
+        return self.config.hidden_size
 
     # -- module access -------------------------------------------------------------------------
     @staticmethod
@@ -167,6 +181,86 @@ class DecoderAdapter:
         setattr(self.config, LAYER_KV_HEADS_KEY, [s.num_kv_heads for s in shapes])
         setattr(self.config, LAYER_MLP_KEY, [s.intermediate_size for s in shapes])
         self.config.adapt_base_model_type = self.family.model_type
+
+    # -- hidden ("stem") channels -----------------------------------------------------------------
+    def hidden_norms(self) -> list[nn.Module]:
+        """Every norm over the hidden size: each layer's ``*layernorm`` children (input, post-attention, and the
+        pre/post-feed-forward ones of Gemma 2/3 and EXAONE 4) and the final norm. The per-head q/k norms act on
+        head_dim and are not among them."""
+        norms = [mod for layer in self.layers for name, mod in layer.named_children() if name.endswith("layernorm")]
+        return norms + [self.model.model.norm]
+
+    def stem_members(self) -> list[tuple[nn.Parameter, int]]:
+        """(parameter, dim) of every tensor hidden channel c spans, each once (a tied LM head is the embedding).
+
+        Embedding column c (and an untied LM head's), input column c of q/k/v/gate/up, output row c (and bias
+        element) of o/down, element c of every hidden-size norm's weight and bias (OLMo's have none).
+        """
+        embed = self.model.get_input_embeddings()
+        head = self.model.get_output_embeddings()
+        pairs: list[tuple[nn.Parameter, int]] = [(embed.weight, 1)]
+        if head is not None and head.weight is not embed.weight:
+            pairs.append((head.weight, 1))
+        for layer in self.layers:
+            q, k, v, o = self.attention_projections(layer)
+            gate, up, down = self.mlp_projections(layer)
+            pairs += [(lin.weight, 1) for lin in (q, k, v, gate, up)]
+            for lin in (o, down):
+                pairs.append((lin.weight, 0))
+                if lin.bias is not None:
+                    pairs.append((lin.bias, 0))
+        for norm in self.hidden_norms():
+            pairs += [(p, 0) for p in norm.parameters(recurse=False)]
+        return pairs
+
+    def hidden_multiple(self, head_counts: list[int]) -> int:
+        """Stem pruning may leave hidden sizes that are multiples of this: the lcm of the config head counts the
+        model may be saved with, for families whose config checks ``hidden_size % num_attention_heads``; else 1."""
+        if self.family.model_type not in _HIDDEN_DIVISIBLE_BY_HEADS:
+            return 1
+        return math.lcm(*[h for h in head_counts if h > 0]) if any(h > 0 for h in head_counts) else 1
+
+    def sync_hidden(self) -> None:
+        """Make every hidden-size attribute agree with the (possibly stem-pruned) embedding width."""
+        hidden = self.model.get_input_embeddings().weight.shape[1]
+        embed, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        embed.embedding_dim = hidden
+        if isinstance(head, nn.Linear):
+            head.in_features = hidden
+        for norm in self.hidden_norms():
+            if hasattr(norm, "normalized_shape"):  # OLMo's weightless LayerNorm keeps its shape as an attribute
+                norm.normalized_shape = (hidden,)
+        for i, layer in enumerate(self.layers):
+            if hasattr(layer, "hidden_size"):
+                layer.hidden_size = hidden
+            self.sync_layer(i)
+        self.config.hidden_size = hidden
+
+    def keep_embedding_scale(self, old_hidden: int, optimizer=None) -> None:
+        """Gemma multiplies embeddings by sqrt(hidden_size), and a reload rebuilds that factor from the new size:
+        fold the ratio into the embedding so the function is unchanged (and, with a tied LM head, its inverse into
+        the final norm's ``1 + w``). Other families: nothing to do."""
+        if self.family.model_type not in _SQRT_HIDDEN_EMBEDDING or old_hidden == self.hidden_size:
+            return
+        embed = self.model.get_input_embeddings()
+        ratio = math.sqrt(old_hidden / self.hidden_size)
+        state = optimizer.state.get(embed.weight, {}) if optimizer is not None else {}
+        with torch.no_grad():
+            embed.weight.mul_(ratio)
+            for key, power in (("exp_avg", 1), ("exp_avg_sq", 2)):  # moments in the parameter's new units
+                if torch.is_tensor(state.get(key)) and state[key].shape == embed.weight.shape:
+                    state[key].mul_(ratio ** power)
+            embed.embed_scale.fill_(self.hidden_size ** 0.5)
+            embed.scalar_embed_scale = self.hidden_size ** 0.5
+            head = self.model.get_output_embeddings()
+            if head is not None and head.weight is embed.weight:
+                final = self.model.model.norm.weight
+                final.copy_((1.0 + final) / ratio - 1.0)
+
+    def record_hidden(self) -> None:
+        """Make head_dim explicit in the config once hidden / heads no longer gives it."""
+        if getattr(self.config, "head_dim", None) != self.head_dim:
+            self.config.head_dim = self.head_dim
 
     # -- parameter accounting ---------------------------------------------------------------------
     def attention_params(self, index: int) -> int:

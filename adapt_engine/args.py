@@ -23,7 +23,9 @@ DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", 
                "float16": "float16", "fp16": "float16"}
 
 # Choices of the pruning settings (each module that implements them validates against these).
-ALLOCATIONS = ("adaptive", "uniform")
+ALLOCATIONS = ("adaptive", "uniform", "global")
+GROUP_TYPES = ("heads", "mlp", "stem")  # --groups: what global allocation may remove (docs/stem.md)
+DEFAULT_GROUPS = "heads,mlp"
 LAYER_UPDATES = ("incremental", "absolute")
 IMPORTANCES = ("taylor", "magnitude", "random", "vectorize", "param_mix", "mix")
 GRADIENT_IMPORTANCES = ("taylor", "vectorize", "param_mix", "mix")  # the ones scored from calibration gradients
@@ -198,7 +200,15 @@ class PruneSettings:
                                help="A in the per-layer shift A*I_j (paper default 0.02; 0 = uniform)")
     steps: int = setting(50, minimum=1, help="sub-steps T of Algorithm 1 (default 50)")
     allocation: str = setting("adaptive", choices=ALLOCATIONS,
-                              help="per-layer sparsity: adaptive (from layer importance) or uniform")
+                              help="per-layer sparsity: adaptive (from layer importance) or uniform; global: one "
+                              "ranking of every allowed group (--groups) by saliency per parameter, cheapest removed "
+                              "first, across layers and types (EfficientLLM)")
+    groups: str = setting(DEFAULT_GROUPS,
+                          help="comma-separated group types pruning may remove: heads, mlp, stem (hidden channels of "
+                          "every layer, the embeddings and the norms; needs --allocation global). Default heads,mlp")
+    uniform_shape: bool = setting(False, help="every layer keeps the same number of heads, KV heads and MLP channels "
+                                  "(the r-th cheapest unit of every layer goes at once), so the output is a stock "
+                                  "model of its family that loads without remote code (needs --allocation global)")
     layer_update: str = setting(
         "incremental", choices=LAYER_UPDATES,
         help="per-layer sparsity at each sub-step: move it by the step's increment minus A*I_j, as the authors' "
@@ -272,11 +282,40 @@ class PruneSettings:
             parse_layers(self.layers)
         if len(self.mix_alpha) != 2 or min(self.mix_alpha) < 0 or max(self.mix_alpha) <= 0:
             raise UsageError(f"--mix-alpha takes two weights a1,a2 >= 0, not both 0; got {self.mix_alpha}")
+        if self.layers is not None and self.allocation == "global":
+            raise UsageError("--layers leaves some layers untouched, but --allocation global ranks groups across every "
+                             "layer (and stem channels span them all); use --allocation adaptive or uniform with it")
+        if "stem" in self.group_types and self.aggregate != "sum":
+            raise UsageError("stem channels are scored with --aggregate sum only; drop --aggregate or stem")
+        groups = self.group_types
+        if self.allocation != "global":
+            if set(groups) != {"heads", "mlp"}:
+                raise UsageError(f"--groups {self.groups} needs --allocation global: adaptive and uniform allocation "
+                                 f"split each layer's budget between its heads and MLP channels only")
+            if self.uniform_shape:
+                raise UsageError("--uniform-shape removes the r-th cheapest unit of every layer at once, a ranking "
+                                 "across layers: add --allocation global")
+            return
+        if self.ladder not in ("query", "kv"):
+            raise UsageError("--allocation global ranks query heads or whole KV groups (--attention query|kv); "
+                             "--deploy-target vllm merges KV heads instead: use --allocation adaptive with it")
+        if self.round_to != 1:
+            raise UsageError("--allocation global removes single MLP channels; use --round-to 1 with it")
 
     @property
     def mix(self) -> tuple[float, float, float]:
         """(α1, α2, s) of --importance mix."""
         return float(self.mix_alpha[0]), float(self.mix_alpha[1]), float(self.mix_scale)
+
+    @property
+    def group_types(self) -> tuple[str, ...]:
+        """The --groups list, checked (a UsageError names the allowed types)."""
+        names = tuple(n.strip() for n in str(self.groups).split(",") if n.strip())
+        bad = [n for n in names if n not in GROUP_TYPES]
+        if bad or not names or len(set(names)) != len(names):
+            raise UsageError(f"--groups must list distinct types from {', '.join(GROUP_TYPES)} separated by commas, "
+                             f"got '{self.groups}'")
+        return names
 
     @property
     def ladder(self) -> str:
@@ -485,6 +524,9 @@ class AccelConfig(CommandSettings):
              "--saliency train accumulates the taylor score |w*g|; use --importance taylor with it"),
             (self.saliency != "train" or self.aggregate == "sum",
              "--saliency train sums |w*g| over each group inside the optimizer step; use --aggregate sum with it"),
+            (self.saliency != "train" or "stem" not in self.prune.group_types,
+             "--saliency train scores heads and MLP channels inside the optimizer step, not stem channels; use "
+             "--saliency calib with --groups ...,stem"),
             (self.warmup + self.decay <= 1.0,
              f"--warmup {self.warmup} plus --decay {self.decay} exceed 1: the two ramps would overlap"),
             (self.min_lr <= self.lr, f"--min-lr {self.min_lr} is above --lr {self.lr}; lower --min-lr"),

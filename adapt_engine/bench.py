@@ -198,8 +198,10 @@ def check_pruned_version(dense: nn.Module, pruned: nn.Module, name: str = "prune
         raise BenchInputError(
             f"'{name}' is a {_family(pruned)} model but the dense model is {_family(dense)}; {fix}"
         )
+    if pruned_shape.hidden_size > dense_shape.hidden_size:  # stem pruning (docs/stem.md) may only narrow it
+        raise BenchInputError(f"'{name}' has hidden size {pruned_shape.hidden_size}, wider than the dense model's "
+                              f"{dense_shape.hidden_size}, so it is not a pruned version of it; {fix}")
     for what, a, b in (
-        ("hidden size", dense_shape.hidden_size, pruned_shape.hidden_size),
         ("vocabulary size", dense_shape.vocab_size, pruned_shape.vocab_size),
         ("number of decoder layers", len(dense_shape.layers), len(pruned_shape.layers)),
         ("attention head size", _head_dim(dense_shape), _head_dim(pruned_shape)),
@@ -207,7 +209,7 @@ def check_pruned_version(dense: nn.Module, pruned: nn.Module, name: str = "prune
         if a != b:
             raise BenchInputError(
                 f"'{name}' has {what} {b} but the dense model has {a}, so it is not a pruned version of it "
-                f"(width pruning keeps this fixed); {fix}"
+                f"(pruning keeps this fixed); {fix}"
             )
     for dense_layer, pruned_layer in zip(dense_shape.layers, pruned_shape.layers, strict=True):
         if set(dense_layer.linears) != set(pruned_layer.linears):

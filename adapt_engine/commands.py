@@ -155,7 +155,8 @@ def _run_prune(cfg: PruneRunSettings, d: Dist, t_start: float) -> RunReport:
         report.peak_rss_mb = peak_memory_mb(cfg.device)
         if d.main:
             finish_run(report, model, tokenizer, cfg.output, dense=cfg.loading, bench=not cfg.no_bench,
-                       write_weights=streamed.write_weights if streamed is not None else None)
+                       write_weights=streamed.write_weights if streamed is not None else None,
+                       standard=cfg.uniform_shape)
         d.barrier()  # every rank leaves together, once rank 0 has saved
     finally:
         if scratch is not None:
@@ -170,13 +171,15 @@ def _prune_and_report(cfg: PruneRunSettings, model, adapter: DecoderAdapter, str
     pruner = AdaptPruner(model, cfg.prune, calib, calib_sampler=sampler, streamed=streamed, scratch=scratch)
     target = cfg.target_params if cfg.target_params is not None else pruner.target_from_sparsity(cfg.sparsity)
     widths_before = [asdict(s) for s in adapter.shapes()]
-    details = {"layer_params_before": _layer_params(adapter), "prunable_before": adapter.prunable_params()}
+    details = {"layer_params_before": _layer_params(adapter), "prunable_before": adapter.prunable_params(),
+               "hidden_size_before": adapter.hidden_size}
     params_before = count_params(model)
     _prune_with_progress(pruner, target, cfg.prune.steps, calib, show_progress)
     after = _heldout_ppl(model, eval_ids, cfg.eval_tokens, streamed)
     params_after = count_params(model)
     details.update(prunable_after=adapter.prunable_params(), layer_params_after=_layer_params(adapter),
-                   round_to=cfg.round_to, history=pruner.history, offload="layer" if streamed else "none")
+                   round_to=cfg.round_to, history=pruner.history, offload="layer" if streamed else "none",
+                   hidden_size_after=adapter.hidden_size)
     if cfg.round_to > 1:
         details["rounding_cost_params"] = params_after - int(target)
     report = RunReport(

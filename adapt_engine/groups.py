@@ -20,7 +20,11 @@ Attention granularity (``--attention``):
   (``--kv-merge``), every query head is kept, or the whole attention sub-layer goes.
 
 Per-head q_norm/k_norm (Qwen3) act on ``head_dim`` and are shared across heads: never sliced.
-Hidden size, embeddings and norms are not pruned.
+
+* **stem channel** c (``--groups ...,stem``, EfficientLLM): hidden channel c of the residual stream in every
+  layer at once — column c of the embedding (and of an untied LM head), input column c of q/k/v/gate/up, output
+  row c (and bias element) of o/down, element c of every hidden-size norm (``DecoderAdapter.stem_members``).
+  One score vector for the whole model, not per layer.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from .args import AGGREGATES, ATTENTION_MODES, KV_MERGES, MERGE
 
 # Score buckets per layer.
 Q_HEADS, KV_HEADS, MLP = "q_heads", "kv_heads", "mlp"
+STEM = "stem"  # one bucket for the whole model (its Member.layer is -1)
 
 
 @dataclass(frozen=True)
@@ -65,31 +70,42 @@ def group_members(adapter: DecoderAdapter) -> dict[nn.Parameter, Member]:
     return members
 
 
+def stem_members(adapter: DecoderAdapter) -> dict[nn.Parameter, Member]:
+    """Every tensor a hidden channel spans, mapped to the stem bucket (scored along its hidden dim)."""
+    return {p: Member(-1, STEM, dim, 1) for p, dim in adapter.stem_members()}
+
+
 @dataclass
 class GroupScores:
-    """Saliency per group: for each layer, per query head, per KV head (K/V alone), per MLP channel."""
+    """Saliency per group: for each layer, per query head, per KV head (K/V alone), per MLP channel; and, when
+    stem channels are scored, one vector over the hidden size."""
 
     q_heads: list[torch.Tensor] = field(default_factory=list)
     kv_heads: list[torch.Tensor] = field(default_factory=list)
     mlp: list[torch.Tensor] = field(default_factory=list)
+    stem: torch.Tensor | None = None
 
     @classmethod
-    def zeros(cls, adapter: DecoderAdapter, device: torch.device | str = "cpu") -> GroupScores:
-        """Zero scores shaped like the model's current layers."""
+    def zeros(cls, adapter: DecoderAdapter, device: torch.device | str = "cpu", stem: bool = False) -> GroupScores:
+        """Zero scores shaped like the model's current layers (and hidden size, with ``stem``)."""
         out = cls()
         for s in adapter.shapes():
             out.q_heads.append(torch.zeros(s.num_heads, dtype=torch.float32, device=device))
             out.kv_heads.append(torch.zeros(s.num_kv_heads, dtype=torch.float32, device=device))
             out.mlp.append(torch.zeros(s.intermediate_size, dtype=torch.float32, device=device))
+        if stem:
+            out.stem = torch.zeros(adapter.hidden_size, dtype=torch.float32, device=device)
         return out
 
     def bucket(self, layer: int, name: str) -> torch.Tensor:
-        """The score vector of one bucket of one layer."""
+        """The score vector of one bucket of one layer (the stem bucket is the model's)."""
+        if name == STEM:
+            return self.stem
         return getattr(self, name)[layer]
 
     def all_tensors(self) -> list[torch.Tensor]:
         """Every score vector (for cross-rank reduction)."""
-        return [*self.q_heads, *self.kv_heads, *self.mlp]
+        return [*self.q_heads, *self.kv_heads, *self.mlp, *([self.stem] if self.stem is not None else [])]
 
 
 def member_groups(param: nn.Parameter, member: Member) -> int:

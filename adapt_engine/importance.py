@@ -18,7 +18,7 @@ from torch import nn
 from . import precision
 from .adapters import DecoderAdapter
 from .args import AGGREGATES, CALIB_DTYPES, GRADIENT_IMPORTANCES, SIMILARITIES
-from .groups import GroupScores, Member, aggregate_members, group_members, member_groups
+from .groups import GroupScores, Member, aggregate_members, group_members, member_groups, stem_members
 from .kernels import group_saliency
 from .lm_loss import causal_lm_loss
 
@@ -133,26 +133,26 @@ class _MetricScores:
     """
 
     def __init__(self, adapter: DecoderAdapter, members: dict[nn.Parameter, Member], metric: str, aggregate: str,
-                 device: torch.device):
+                 device: torch.device, stem: bool = False):
         self.adapter, self.members, self.metric, self.aggregate = adapter, members, metric, aggregate
         self.per_member: dict[nn.Parameter, torch.Tensor] | None = None
         if aggregate == "sum":
-            self.total = GroupScores.zeros(adapter, device=device)
+            self.total = GroupScores.zeros(adapter, device=device, stem=stem)
             # 'vectorize' sums w*g signed over each whole group (all its matrices) per micro-batch, then takes |.|
-            self._signed = GroupScores.zeros(adapter, device=device) if metric == "vectorize" else None
+            self._signed = GroupScores.zeros(adapter, device=device, stem=stem) if metric == "vectorize" else None
         else:
             self.per_member = {p: torch.zeros(member_groups(p, m), dtype=torch.float32, device=device)
                                for p, m in members.items()}
             # per member, vectorize's |.| is that of the member's own signed sum
             self._signed_member = ({p: torch.zeros_like(t) for p, t in self.per_member.items()}
                                    if metric == "vectorize" else None)
-        self._fisher: dict[nn.Parameter, torch.Tensor] = {}
+        self._fisher: dict[tuple[nn.Parameter, str], torch.Tensor] = {}
 
     def add(self, param: nn.Parameter, member: Member) -> None:
-        """Score one parameter's gradient of the current batch."""
+        """Score one parameter's gradient of the current batch for one group it belongs to."""
         fisher = None
-        if self.metric == "param_mix":  # needs a Fisher trace per parameter
-            fisher = self._fisher.setdefault(param, torch.zeros_like(param, dtype=torch.float32))
+        if self.metric == "param_mix":  # a Fisher trace per parameter and bucket (each call accumulates it)
+            fisher = self._fisher.setdefault((param, member.bucket), torch.zeros_like(param, dtype=torch.float32))
         if self.per_member is None:
             target = (self._signed if self._signed is not None else self.total).bucket(member.layer, member.bucket)
         else:
@@ -189,15 +189,23 @@ class SaliencyCollector:
     """
 
     def __init__(self, adapter: DecoderAdapter, metric: str = "taylor", aggregate: str = "sum",
-                 mix: tuple[float, float, float] | None = None):
+                 mix: tuple[float, float, float] | None = None, stem: bool = False):
         if metric not in GRADIENT_IMPORTANCES:
             raise ValueError(f"gradient saliency metric must be one of {', '.join(GRADIENT_IMPORTANCES)}, "
                              f"got '{metric}'")
         if aggregate not in AGGREGATES:
             raise ValueError(f"--aggregate must be one of {', '.join(AGGREGATES)}, got '{aggregate}'")
+        if stem and aggregate != "sum":
+            raise ValueError("stem channels are scored with --aggregate sum only")
         self.adapter = adapter
         self.metric = metric
         self.members = group_members(adapter)
+        # A projection weight feeds two groups when stem channels are scored: its head/channel and the hidden
+        # channels of its input columns (q/k/v/gate/up) or output rows (o/down).
+        self._all: dict[nn.Parameter, list[Member]] = {p: [m] for p, m in self.members.items()}
+        if stem:
+            for p, m in stem_members(adapter).items():
+                self._all.setdefault(p, []).append(m)
         device = next(adapter.model.parameters()).device
         if metric == "mix":
             alpha_vector, alpha_element, scale = mix if mix is not None else (1.0, 1.0, 1.0)
@@ -206,7 +214,7 @@ class SaliencyCollector:
         else:
             self._weights = None
             base = (metric,)
-        self._parts = [_MetricScores(adapter, self.members, m, aggregate, device) for m in base]
+        self._parts = [_MetricScores(adapter, self.members, m, aggregate, device, stem) for m in base]
         self._handles: list = []
         # True while the micro-batches of one batch before its last run their backward: gradients
         # are summed into .grad and scored once, so the scores are those of the whole batch.
@@ -222,14 +230,16 @@ class SaliencyCollector:
         for name in ("q_heads", "kv_heads", "mlp"):
             getattr(out, name).extend(self._weights[0] * v + self._weights[1] * e
                                       for v, e in zip(getattr(vector, name), getattr(element, name)))
+        if vector.stem is not None:
+            out.stem = self._weights[0] * vector.stem + self._weights[1] * element.stem
         return out
 
     def _hook(self, param: nn.Parameter) -> None:
         if self.accumulating:  # a micro-batch that is not its batch's last: keep summing into .grad
             return
-        member = self.members[param]
-        for part in self._parts:
-            part.add(param, member)
+        for member in self._all[param]:
+            for part in self._parts:
+                part.add(param, member)
         param.grad = None  # freed at once: the model's gradients never all exist together
 
     def end_micro_batch(self) -> None:
@@ -244,8 +254,8 @@ class SaliencyCollector:
         saved = {p: p.requires_grad for p in model.parameters()}
         try:
             for p in model.parameters():
-                p.requires_grad_(p in self.members)
-            for p in self.members:
+                p.requires_grad_(p in self._all)
+            for p in self._all:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
             yield self
         finally:
@@ -257,19 +267,19 @@ class SaliencyCollector:
                 p.grad = None
 
 
-def magnitude_scores(adapter: DecoderAdapter) -> GroupScores:
+def magnitude_scores(adapter: DecoderAdapter, stem: bool = False) -> GroupScores:
     """Σ|W| per group: the data-free baseline."""
-    members = group_members(adapter)
     device = next(adapter.model.parameters()).device
-    scores = GroupScores.zeros(adapter, device=device)
-    for p, m in members.items():
-        _score_tensor(p, None, m, "magnitude", scores.bucket(m.layer, m.bucket))
+    scores = GroupScores.zeros(adapter, device=device, stem=stem)
+    for members in (group_members(adapter), stem_members(adapter) if stem else {}):
+        for p, m in members.items():
+            _score_tensor(p, None, m, "magnitude", scores.bucket(m.layer, m.bucket))
     return scores
 
 
-def random_scores(adapter: DecoderAdapter, generator: torch.Generator) -> GroupScores:
+def random_scores(adapter: DecoderAdapter, generator: torch.Generator, stem: bool = False) -> GroupScores:
     """Uniform random scores: the chance baseline."""
-    scores = GroupScores.zeros(adapter)
+    scores = GroupScores.zeros(adapter, stem=stem)
     for t in scores.all_tensors():
         t.copy_(torch.rand(t.shape, generator=generator))
     return scores
@@ -326,6 +336,7 @@ def calibration_pass(
     fp32_matmul: str = "ieee",
     aggregate: str = "sum",
     mix: tuple[float, float, float] | None = None,
+    stem: bool = False,
 ) -> tuple[torch.Tensor | None, GroupScores | None, float]:
     """One pass over the calibration set: raw layer importances, gradient saliency, mean loss.
 
@@ -341,13 +352,14 @@ def calibration_pass(
     one fp32 copy of the prunable weights).
     ``fp32_matmul`` (ieee | bf16 | auto, ``precision.py``) is how float32 matmuls are computed on CPU.
     ``observers`` are extra hook holders (``.attached()`` context managers, e.g. compensation statistics)
-    that watch the same forward pass. ``aggregate`` and ``mix`` are :class:`SaliencyCollector`'s.
+    that watch the same forward pass. ``aggregate``, ``mix`` and ``stem`` are :class:`SaliencyCollector`'s (``stem``
+    also scores hidden channels: the embedding, LM head and norms then take gradients too).
     """
     model = adapter.model
     device = next(model.parameters()).device
     autocast = calib_autocast(calib_dtype, device, next(model.parameters()).dtype, fp32_matmul)
     sim = LayerSimilarity(adapter, similarity) if similarity else None
-    collector = SaliencyCollector(adapter, saliency_metric, aggregate, mix) if saliency_metric else None
+    collector = SaliencyCollector(adapter, saliency_metric, aggregate, mix, stem) if saliency_metric else None
     was_training = model.training
     model.eval()  # no dropout: saliency of the deterministic model
     total_loss, batches = 0.0, 0

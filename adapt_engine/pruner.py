@@ -23,6 +23,7 @@ from .args import GRADIENT_IMPORTANCES, PruneSettings, parse_layers
 from .attention_ladder import attention_params, rung_costs, rungs
 from .compensation import InputStatistics, check_compensation, compensate_layer, compensate_plan, statistics_bytes
 from .errors import UsageError
+from .global_allocation import STEM_TYPE, GlobalPlan, SizeModel, floor_params, plan_global
 from .groups import GroupScores, LayerKeep, attention_keep, choose_mlp_keep
 from .importance import (
     CalibPass,
@@ -32,7 +33,7 @@ from .importance import (
 )
 from .importance_scale import scale_importance
 from .streaming import StreamedModel, StreamingError, available_memory_bytes, streamed_calibration_pass
-from .surgery import apply_plan, prune_layer
+from .surgery import apply_plan, prune_layer, prune_stem
 
 __all__ = ["PruneSettings", "AdaptPruner", "count_params"]
 
@@ -58,12 +59,20 @@ class AdaptPruner:
             if settings.importance == "magnitude":
                 raise StreamingError("--importance magnitude reads every weight at once; with --offload layer use "
                                      "taylor, vectorize, param_mix or random")
+            if settings.allocation == "global":
+                raise StreamingError("--allocation global ranks groups of every layer (and stem channels span them "
+                                     "all) at once; use --offload none with it")
         self.calib_ids = calib_ids
         self.calib_sampler = calib_sampler
         if settings.calib_resample and calib_sampler is None:
             raise UsageError("calib_resample needs a calib_sampler that draws fresh windows for each sub-step")
         check_compensation(self.adapter, settings.compensate, settings.compensate_damp)
         self.original_shapes = self.adapter.shapes()
+        self.stem = STEM_TYPE in settings.group_types
+        if settings.uniform_shape and any(sh != self.original_shapes[0] for sh in self.original_shapes):
+            raise UsageError("--uniform-shape keeps every layer the same shape, but this model's layers already "
+                             "differ; start from a model whose layers all have one shape")
+        self.original_hidden = self.adapter.hidden_size
         self.original_prunable = self.adapter.prunable_params()
         self.frozen = self._frozen_layers()
         self.included_prunable = self._included_prunable()
@@ -101,6 +110,9 @@ class AdaptPruner:
     def min_params(self) -> int:
         """Smallest reachable size: the lowest attention rung and one MLP channel (or round_to) per layer
         (frozen layers at their current size)."""
+        if self.settings.allocation == "global":
+            s = self.settings
+            return floor_params(self.adapter, s.group_types, s.ladder, s.uniform_shape)
         a = self.adapter
         total = self.fixed_params
         step = self.settings.round_to
@@ -123,9 +135,9 @@ class AdaptPruner:
             raw, scores, loss = self._calibration_pass(
                 s.similarity if adaptive else None, s.importance if gradient else None, progress, observers)
         if s.importance == "magnitude":
-            scores = magnitude_scores(self.adapter)
+            scores = magnitude_scores(self.adapter, stem=self.stem)
         elif s.importance == "random":
-            scores = random_scores(self.adapter, self.generator)
+            scores = random_scores(self.adapter, self.generator, stem=self.stem)
         scores = self._reduce_across_ranks(scores)
         n = len(self.adapter.layers)
         if raw is None:
@@ -144,7 +156,8 @@ class AdaptPruner:
             replay = s.compensate != "none" and not observers  # statistics gathered per layer at the cut
             return streamed_calibration_pass(self.streamed, self.calib_ids, opts, progress, observers=observers,
                                              keep_inputs=replay)
-        return calibration_pass(self.adapter, self.calib_ids, **asdict(opts), progress=progress, observers=observers)
+        return calibration_pass(self.adapter, self.calib_ids, **asdict(opts), progress=progress, observers=observers,
+                                stem=self.stem and saliency_metric is not None)
 
     def _statistics_fit(self) -> bool:
         """Whether every layer's compensation statistics together take under a quarter of the available memory
@@ -210,6 +223,8 @@ class AdaptPruner:
             raw, scores, loss = torch.zeros(len(self.adapter.layers), dtype=torch.float64), group_scores, None
         else:
             raw, scores, loss = self._scores(progress, observers)
+        if s.allocation == "global":
+            return self._global_step(target_params, scores, stats, optimizer, loss, t0)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             raw = raw.to(next(self.model.parameters()).device, torch.float64)
             torch.distributed.all_reduce(raw)
@@ -276,6 +291,41 @@ class AdaptPruner:
             return 1.0 - target_prunable / self.original_prunable
         return (self.original_prunable - target_prunable) / self.included_prunable
 
+    def _global_step(self, target_params: int, scores: GroupScores, stats: InputStatistics | None, optimizer,
+                     loss: float | None, t0: float) -> dict:
+        """A sub-step of ``--allocation global``: one ranking of heads, MLP channels and stem channels."""
+        s = self.settings
+        before = count_params(self.model)
+        plan: GlobalPlan = plan_global(self.adapter, scores, target_params, s.group_types, s.ladder,
+                                       s.uniform_shape, SizeModel(self.adapter))
+        self._cut(plan.layers, stats, optimizer)  # compensation refits o/down columns before their rows shrink
+        if plan.stem_keep is not None:
+            prune_stem(self.adapter, plan.stem_keep, optimizer)
+        params = count_params(self.model)
+        if params != plan.params:
+            raise RuntimeError(f"global plan expected {plan.params:,} parameters, surgery left {params:,}")
+        n = len(self.adapter.layers)
+        layer_params = [self.adapter.attention_params(j) + self.adapter.mlp_params(j) for j in range(n)]
+        size = SizeModel(self.adapter)
+        original = [sum(x * m for x, m in zip(size.layer_coefficients(j, self.original_shapes[j]),
+                                               (self.original_hidden, 1))) for j in range(n)]
+        record = {
+            "target_params": int(target_params),
+            "params": params,
+            "calib_loss": loss,
+            "layer_importance_raw": [0.0] * n,
+            "layer_importance": [0.0] * n,
+            "layer_sparsity": [1.0 - a / b for a, b in zip(layer_params, original)],
+            "widths": [asdict(sh) for sh in self.adapter.shapes()],
+            "hidden_size": self.adapter.hidden_size,
+            "removed_params": {k: int(v) for k, v in plan.removed_params.items()},
+            "removal_order": plan.removal_order,
+            "params_removed": before - params,
+            "seconds": time.perf_counter() - t0,
+        }
+        self.history.append(record)
+        return record
+
     def _layer_costs(self, scores: GroupScores) -> list[LayerCosts]:
         """Saliency lost by each attention rung, and cumulative saliency of the cheapest MLP channels, per layer."""
         out = []
@@ -319,7 +369,7 @@ class AdaptPruner:
             "fixed_params": self.fixed_params, "history": self.history,
             "generator": self.generator.get_state(),
             "layer_sparsity": None if self.layer_sparsity is None else self.layer_sparsity.tolist(),
-            "overall_sparsity": self.overall_sparsity,
+            "overall_sparsity": self.overall_sparsity, "original_hidden": self.original_hidden,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -327,6 +377,7 @@ class AdaptPruner:
         self.original_shapes = [LayerShape(**sh) for sh in state["original_shapes"]]
         self.original_prunable, self.original_total = state["original_prunable"], state["original_total"]
         self.fixed_params = state["fixed_params"]
+        self.original_hidden = state.get("original_hidden", self.adapter.hidden_size)
         self.history = state["history"]
         self.generator.set_state(state["generator"])
         layer = state.get("layer_sparsity")

@@ -73,6 +73,27 @@ def _ppl(x: float | None) -> str:
     return f"{x:.3f}" if x is not None else "-"
 
 
+GROUP_TYPES_SHOWN = ("heads", "mlp", "stem")
+
+
+def removal_order(history: list[dict]) -> list[list]:
+    """The group types in the order ``--allocation global`` removed them, over all sub-steps, as
+    ``[[type, groups in a row], ...]`` (empty for the other allocations)."""
+    out: list[list] = []
+    for rec in history:
+        for kind, count in rec.get("removal_order", []):
+            if out and out[-1][0] == kind:
+                out[-1][1] += count
+            else:
+                out.append([kind, count])
+    return out
+
+
+def _order_text(order: list[list], limit: int = 12) -> str:
+    runs = [f"{kind} x{count}" for kind, count in order]
+    return ", ".join(runs[:limit]) + (f", ... ({len(runs) - limit} more runs)" if len(runs) > limit else "")
+
+
 def _summary_lines(r: dict) -> list[str]:
     before, after, target = r["params_before"], r["params_after"], r["target_params"]
     lines = [
@@ -85,6 +106,15 @@ def _summary_lines(r: dict) -> list[str]:
     if "prunable_before" in r:
         pb, pa = r["prunable_before"], r["prunable_after"]
         lines.append(f"prunable       {_fmt(pb)} -> {_fmt(pa)}  (sparsity {100 * (1 - pa / pb):.2f}%)")
+    if r.get("hidden_size_before") is not None:
+        lines.append(f"hidden size    {r['hidden_size_before']} -> {r.get('hidden_size_after')}")
+    history = r.get("history") or r.get("prune_history") or []
+    order = removal_order(history)
+    if order:
+        totals = {k: sum(rec.get("removed_params", {}).get(k, 0) for rec in history) for k in GROUP_TYPES_SHOWN}
+        lines.append("removed        " + ", ".join(f"{k} {_fmt(v)}" for k, v in totals.items() if v)
+                     + " parameters")
+        lines.append(f"removal order  {_order_text(order)}")
     if "optimizer_steps" in r:
         lines.append(f"training       {r['tokens_used']:,} tokens in {r['optimizer_steps']} optimizer steps")
     peak = r.get("peak_rss_mb")
@@ -151,13 +181,20 @@ def plot_report(report: RunReport | dict, path: str | Path) -> Path:
     path = Path(path)
     n = len(report["widths_after"])
     layers = list(range(n))
-    fig, axes = plt.subplots(3, 1, figsize=(10, 10), sharex=True)
+    hist = report.get("history") or report.get("prune_history") or []
+    by_type = any("removed_params" in rec for rec in hist)
+    if by_type:  # a fourth panel over sub-steps, not layers: it shares no x axis with the others
+        fig = plt.figure(figsize=(10, 13))
+        first = fig.add_subplot(4, 1, 1)
+        axes = [first, fig.add_subplot(4, 1, 2, sharex=first), fig.add_subplot(4, 1, 3, sharex=first),
+                fig.add_subplot(4, 1, 4)]
+    else:
+        fig, axes = plt.subplots(3, 1, figsize=(10, 10), sharex=True)
     for key, ax, label in (("intermediate_size", axes[0], "MLP channels"), ("num_heads", axes[1], "query heads")):
         ax.bar(layers, [w[key] for w in report["widths_before"]], color="#ccc", label="before")
         ax.bar(layers, [w[key] for w in report["widths_after"]], color="#3a7", label="after")
         ax.set_ylabel(label)
         ax.legend(loc="lower right")
-    hist = report.get("history") or report.get("prune_history") or []
     cmap = plt.get_cmap("viridis")
     for i, rec in enumerate(hist):
         axes[2].plot(layers, rec["layer_importance"], color=cmap(i / max(1, len(hist) - 1)), lw=1,
@@ -167,9 +204,29 @@ def plot_report(report: RunReport | dict, path: str | Path) -> Path:
     axes[2].axhline(0, color="k", lw=0.5)
     if hist:
         axes[2].legend(loc="best")
+    if by_type:
+        _plot_removal_by_type(axes[3], hist, report.get("hidden_size_before"))
     fig.suptitle(f"{report['model']}: {report['params_before']:,} -> {report['params_after']:,} params")
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _plot_removal_by_type(ax, history: list[dict], hidden_before: int | None) -> None:
+    """EfficientLLM Fig. 5 style: parameters removed per sub-step by group type (stacked), hidden size on the right."""
+    steps = list(range(1, len(history) + 1))
+    bottom = [0.0] * len(history)
+    for kind, color in zip(GROUP_TYPES_SHOWN, ("#c53", "#37a", "#3a7")):
+        values = [rec.get("removed_params", {}).get(kind, 0) / 1e6 for rec in history]
+        ax.bar(steps, values, bottom=bottom, color=color, label=kind)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_xlabel("pruning sub-step")
+    ax.set_ylabel("parameters removed (M)")
+    ax.legend(loc="upper left")
+    hidden = [rec.get("hidden_size") for rec in history]
+    if hidden_before is not None and all(h is not None for h in hidden):
+        twin = ax.twinx()
+        twin.plot([0, *steps], [hidden_before, *hidden], "k.-", lw=1)
+        twin.set_ylabel("hidden size")
 
 
 def plot_progress(records: list[dict], path: Path) -> Path:
@@ -214,17 +271,19 @@ def save_figure(fig, path: str | Path) -> Path:
 
 def finish_run(report: RunReport, model, tokenizer, output: str | Path, *, dense: ModelSettings, bench: bool,
                extra: Callable[[Path], None] | None = None,
-               write_weights: Callable[[Path], None] | None = None) -> Path:
+               write_weights: Callable[[Path], None] | None = None, standard: bool = False) -> Path:
     """The end of `prune` and `accel`: save the model with its report and chart, print the report, and (unless
     --no-bench) the measured speedup over the dense model. ``write_weights`` saves a streamed model's weights
-    (no bench then: it would load both models whole)."""
-    out = save_pruned(model, tokenizer, output, report.to_dict(), write_weights=write_weights)
+    (no bench then: it would load both models whole). ``standard`` saves a plain model of its family
+    (--uniform-shape)."""
+    out = save_pruned(model, tokenizer, output, report.to_dict(), write_weights=write_weights, standard=standard)
     if extra is not None:
         extra(out)
     plot_report(report, out / "pruning_report.png")
     print(format_report(report))
+    remote = "" if standard else ", trust_remote_code=True"
     print(f"\nsaved to {out}  (reload: adapt_engine.load_pruned('{out}') or "
-          f"AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True))")
+          f"AutoModelForCausalLM.from_pretrained('{out}'{remote}))")
     if bench and write_weights is not None:
         print("bench skipped: the model was streamed (--offload layer); time it with `adapt-engine bench --compare "
               f"{out}` where both models fit in memory")

@@ -10,7 +10,12 @@ that subclass the stock transformers classes of the model's family. So the model
   installed transformers files, no pickles.
 
 The config's ``model_type`` is ``adapt_pruned_<family>`` so that stock loading without
-``trust_remote_code`` fails loudly instead of building the unpruned shapes. Everything is written to a
+``trust_remote_code`` fails loudly instead of building the unpruned shapes.
+
+A model whose layers all have one shape (``--uniform-shape``) is saved as a **standard** model of its family
+instead (``save_pruned(..., standard=True)``): the stock ``model_type`` and class, the uniform head counts, MLP
+width, hidden size and an explicit head_dim in config.json, no per-layer lists and no remote code, so plain
+``AutoModelForCausalLM.from_pretrained(path)`` builds it. Everything is written to a
 temporary directory beside the target and swapped into place (``fsio.atomic_dir``), so a crash never
 leaves half a model, and replacing an earlier output never leaves the path empty.
 """
@@ -89,15 +94,29 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def standard_fields(adapter: DecoderAdapter) -> dict:
+    """The config fields of a standard (uniform-shape) model, or a PrunedModelError if its layers differ."""
+    shapes = adapter.shapes()
+    first = shapes[0]
+    if any(s != first for s in shapes) or first.num_heads == 0:
+        raise PrunedModelError("a standard model needs every layer to have the same heads, KV heads and MLP width "
+                               "(and attention in every layer); prune with --uniform-shape --allocation global")
+    return {"model_type": adapter.family.model_type, "architectures": [adapter.family.causal_lm_class],
+            "hidden_size": adapter.hidden_size, "head_dim": adapter.head_dim, "num_attention_heads": first.num_heads,
+            "num_key_value_heads": first.num_kv_heads, "intermediate_size": first.intermediate_size}
+
+
 def save_pruned(model, tokenizer, output_dir: str | Path, report: dict | None = None,
-                write_weights: Callable[[Path], None] | None = None) -> Path:
+                write_weights: Callable[[Path], None] | None = None, standard: bool = False) -> Path:
     """Write a pruned (or unpruned) model in the reloadable adapt-engine format, atomically.
 
     An existing output is replaced only if adapt-engine wrote it (or it is empty); it is swapped with the
     new one in one step, so the path always holds a complete model. ``write_weights(folder)`` writes the
     safetensors instead of ``model.save_pretrained`` (a streamed model whose weights are not in memory).
+    ``standard`` writes a plain model of the family (stock config, no remote code); its layers must be alike.
     """
     adapter = DecoderAdapter(model)
+    stock = standard_fields(adapter) if standard else None
     adapter.record_shapes()
     family = adapter.family.model_type
     out = Path(output_dir).expanduser().absolute()
@@ -119,15 +138,20 @@ def save_pruned(model, tokenizer, output_dir: str | Path, report: dict | None = 
         cfg_path = tmp / "config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg.pop("quantization_config", None)
-        cfg["model_type"] = PRUNED_PREFIX + family
-        cfg["adapt_base_model_type"] = family
-        cfg["architectures"] = ["AdaptPrunedForCausalLM"]
-        cfg["auto_map"] = {
-            "AutoConfig": "configuration_adapt_pruned.AdaptPrunedConfig",
-            "AutoModelForCausalLM": "modeling_adapt_pruned.AdaptPrunedForCausalLM",
-        }
+        if stock is not None:  # a plain model of its family: no per-layer lists, no remote code
+            for key in (LAYER_HEADS_KEY, LAYER_KV_HEADS_KEY, LAYER_MLP_KEY, "adapt_base_model_type", "auto_map"):
+                cfg.pop(key, None)
+            cfg.update(stock)
+        else:
+            cfg["model_type"] = PRUNED_PREFIX + family
+            cfg["adapt_base_model_type"] = family
+            cfg["architectures"] = ["AdaptPrunedForCausalLM"]
+            cfg["auto_map"] = {
+                "AutoConfig": "configuration_adapt_pruned.AdaptPrunedConfig",
+                "AutoModelForCausalLM": "modeling_adapt_pruned.AdaptPrunedForCausalLM",
+            }
+            _write_remote_code(tmp, family)
         atomic_write_json(cfg_path, cfg, default=_json_default)
-        _write_remote_code(tmp, family)
         if report is not None:
             atomic_write_json(tmp / REPORT_NAME, report, default=_json_default)
     return out
@@ -239,7 +263,9 @@ def pruned_config(path: Path):
         raise UnsupportedModelError(
             f"{path}/config.json names model family '{family}'; supported: {', '.join(sorted(FAMILIES))}"
         )
-    _check_widths(path, raw)
+    standard = raw.get("model_type") == family and LAYER_HEADS_KEY not in raw  # a --uniform-shape output
+    if not standard:
+        _check_widths(path, raw)
     weights = read_safetensors(pruned_weight_files(path), error=PrunedModelError)
     check_layer_count(raw, weights, str(path), error=PrunedModelError)
     fam = FAMILIES[family]
@@ -249,7 +275,8 @@ def pruned_config(path: Path):
         config = config_cls(**fields)
     except Exception as err:  # noqa: BLE001 - strict config validation raises several types
         raise PrunedModelError(f"{path}/config.json is invalid for a {family} model: {err}") from err
-    model_cls = pruned_class(family)
+    fam_cls = getattr(importlib.import_module(fam.modeling_module), fam.causal_lm_class)
+    model_cls = fam_cls if standard else pruned_class(family)
     _check_weights(path, model_cls, config, weights.shapes)
     return model_cls, config
 

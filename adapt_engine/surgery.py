@@ -1,4 +1,4 @@
-"""Physical removal of attention heads and MLP channels, in place.
+"""Physical removal of attention heads, MLP channels and hidden ("stem") channels, in place.
 
 Every coupled tensor — weight, bias, a gradient if present, and the optimizer's per-parameter state of
 the same shape (AdamW ``exp_avg``/``exp_avg_sq``) — is compacted with ``kernels.gather_channels``, which
@@ -102,6 +102,27 @@ def apply_plan(adapter: DecoderAdapter, plan: list[LayerKeep], optimizer=None) -
     for i, keep in enumerate(plan):
         prune_layer(adapter, i, keep, optimizer)
     adapter.record_shapes()
+
+
+def prune_stem(adapter: DecoderAdapter, keep: torch.Tensor, optimizer=None) -> None:
+    """Keep only hidden channels ``keep`` (sorted) in every tensor they span (``DecoderAdapter.stem_members``).
+
+    Every norm then normalises over the kept channels alone: removal is not zeroing, as an RMSNorm's mean square
+    is taken over the hidden size (tests compare with a reference whose norms are computed over the kept channels).
+    The config's hidden_size follows, with head_dim written explicitly.
+    """
+    old = adapter.hidden_size
+    if keep.numel() == old:
+        return
+    multiple = adapter.hidden_multiple([adapter.config.num_attention_heads])
+    if keep.numel() == 0 or keep.numel() % multiple:
+        raise ValueError(f"cannot keep {keep.numel()} hidden channels: a {adapter.family.model_type} config needs a "
+                         f"positive multiple of {multiple} (its num_attention_heads)")
+    for param, dim in adapter.stem_members():
+        _gather_param(param, keep, dim, optimizer)
+    adapter.sync_hidden()
+    adapter.keep_embedding_scale(old, optimizer)
+    adapter.record_hidden()
 
 
 def zero_mask_layer(adapter: DecoderAdapter, index: int, keep: LayerKeep) -> None:

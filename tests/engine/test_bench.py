@@ -244,7 +244,7 @@ def test_quick_speedup_reports_measured_and_ideal():
 @pytest.mark.parametrize(
     ("other", "message"),
     [
-        (lambda: tiny_llama(hidden_size=32, intermediate_size=64), "hidden size"),
+        (lambda: tiny_llama(hidden_size=128, head_dim=16), "hidden size 128, wider"),
         (lambda: tiny_llama(vocab_size=300), "vocabulary size"),
         (lambda: tiny_llama(num_hidden_layers=3), "number of decoder layers"),
         (lambda: tiny_llama(intermediate_size=256), "wider than the dense"),
@@ -262,6 +262,7 @@ def test_not_a_pruned_version_is_rejected(other, message):
 def test_pruned_version_is_accepted():
     check_pruned_version(tiny_llama(), tiny_pruned())
     check_pruned_version(tiny_llama(), tiny_llama(seed=1))  # same widths: a 0 % pruned model is fine
+    check_pruned_version(tiny_llama(), tiny_llama(hidden_size=48, head_dim=16))  # stem-pruned: narrower hidden size
 
 
 def test_different_tokenizer_is_rejected():

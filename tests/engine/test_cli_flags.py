@@ -25,11 +25,14 @@ DEPLOY = {"--deploy-target", "--kv-merge"}
 ADAPRUNER = {"--layers", "--aggregate", "--mix-alpha", "--mix-scale"}
 DISTILL = {"--distill", "--kd-temperature", "--kd-layer-weight", "--ce-weight", "--teacher-dtype", "--distill-gap",
            "--snapshot-interval", "--distill-final-tokens"}
-ADDED = {"prune": CALIB | QUALITY | DEPLOY | ADAPRUNER | {"--offload", "--calib-indices", "--from-search"},
+# Issue 15 (EfficientLLM mode): group types, one global ranking, standard shapes.
+STEM = {"--groups", "--uniform-shape"}
+ADDED = {"prune": CALIB | QUALITY | DEPLOY | ADAPRUNER | STEM | {"--offload", "--calib-indices", "--from-search"},
          "eval": set(), "bench": {"--engine", "--concurrency"},
-         "accel": {"--no-bench"} | CALIB | DEPLOY | ADAPRUNER | DISTILL}
-# Choices added to existing flags since the fixture (appended, so the old ones keep their order): issue 17's blend.
-ADDED_CHOICES = {"--importance": ["mix"]}
+         "accel": {"--no-bench"} | CALIB | DEPLOY | ADAPRUNER | DISTILL | STEM}
+# Choices added to existing flags since the fixture (appended, so the old ones keep their order): issue 17's blend,
+# issue 15's global ranking.
+ADDED_CHOICES = {"--importance": ["mix"], "--allocation": ["global"]}
 
 
 def _current() -> dict:
