@@ -147,7 +147,8 @@ def _pid_of(name: str, tag: str) -> int | None:
         return None
 
 
-def _alive(pid: int | None) -> bool:
+def process_alive(pid: int | None) -> bool:
+    """Whether a process with this id runs on this machine (None: no; our own id: yes)."""
     if pid is None:
         return False
     if pid == os.getpid():
@@ -169,7 +170,7 @@ def recover_interrupted(target: str | Path) -> None:
         return
     for tag in (_OLD_TAG, _TMP_TAG):
         for leftover in parent.glob(f".{glob_escape(target.name)}{tag}*"):
-            if _alive(_pid_of(leftover.name, tag)):
+            if process_alive(_pid_of(leftover.name, tag)):
                 continue
             content = leftover / "content"
             if tag == _OLD_TAG and content.is_dir() and not target.exists():

@@ -27,7 +27,7 @@ from .args import AGGREGATES, CalibSettings, PruneRunSettings, PruneSettings, Se
 from .data import DataError, load_text, objective_text, pool_windows, read_calib_indices, select_windows, tokenize_text
 from .errors import OutputPathError, UsageError
 from .evaluate import perplexity
-from .fsio import OUTPUT_MARKER, atomic_write, atomic_write_json, preflight_output
+from .fsio import OUTPUT_MARKER, atomic_write, atomic_write_json, preflight_output, process_alive
 from .models import load_model
 from .pruner import AdaptPruner
 
@@ -169,18 +169,8 @@ def _fail_dead_local_trials(study, storage) -> None:
     host = socket.gethostname()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = trial.user_attrs.get("pid")
-        if trial.user_attrs.get("host") == host and pid is not None and not _alive(pid):
+        if trial.user_attrs.get("host") == host and pid is not None and not process_alive(pid):
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # FrozenTrial keeps its id private
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def complete_trials(study) -> list:

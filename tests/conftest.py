@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import make_tiny_model
+from tiny_models import save_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +39,4 @@ def tiny_tokenizer():
 @pytest.fixture
 def tiny_model_dir(tmp_path, tiny_tokenizer):
     """A saved tiny Llama (GQA) with its tokenizer, as a user's local model folder."""
-    model = make_tiny_model("llama", gqa=True, vocab=len(tiny_tokenizer))
-    path = tmp_path / "tiny-llama"
-    model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path / "tiny-llama", tiny_tokenizer)

@@ -46,3 +46,10 @@ def build_family_model(family: str, config_kw: dict, weight_std: float):
             elif name.endswith("bias"):
                 p.normal_(0, 0.1)
     return model
+
+
+def save_tiny_llama(path, tokenizer):
+    """A tiny Llama (GQA) with ``tokenizer``, saved at ``path`` as a user's local model folder; returns ``path``."""
+    make_tiny_model("llama", gqa=True, vocab=len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -108,12 +108,9 @@ def _assert_same_weights(a, b):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_tokenizer):
-    from tiny_models import make_tiny_model
+    from tiny_models import save_tiny_llama
 
-    path = tmp_path_factory.mktemp("accel") / "tiny-llama"
-    make_tiny_model("llama", gqa=True, vocab=len(tiny_tokenizer)).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("accel") / "tiny-llama", tiny_tokenizer)
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(saliency="train", reset_optimizer=True, no_checkpoints=True)])

@@ -18,12 +18,9 @@ class Interrupt(Exception):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_tokenizer):
-    from tiny_models import make_tiny_model
+    from tiny_models import save_tiny_llama
 
-    path = tmp_path_factory.mktemp("accel-stem") / "tiny-llama"
-    make_tiny_model("llama", gqa=True, vocab=len(tiny_tokenizer)).save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("accel-stem") / "tiny-llama", tiny_tokenizer)
 
 
 def _cfg(model_dir, out, **kw) -> AccelConfig:

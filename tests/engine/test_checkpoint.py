@@ -164,7 +164,7 @@ def test_same_step_checkpoint_never_loses_the_previous_one(tmp_path, monkeypatch
                 pass
         _assert_latest_complete(directory, {3})
         with pytest.MonkeyPatch.context() as mp:  # the run continues in a new process: the old pid is dead
-            mp.setattr(fsio, "_alive", lambda pid: False)
+            mp.setattr(fsio, "process_alive", lambda pid: False)
             save_checkpoint(directory, 4, model, tok, _state(4))
         _assert_latest_complete(directory, {4})
         left = sorted(p.name for p in directory.iterdir())

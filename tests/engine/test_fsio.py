@@ -75,7 +75,7 @@ def test_fallback_crash_between_renames_is_recovered(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "rename", real_rename)
     assert not out.exists()
     # the old folder's owner is this (live) process: pretend it died
-    monkeypatch.setattr(fsio, "_alive", lambda pid: False)
+    monkeypatch.setattr(fsio, "process_alive", lambda pid: False)
     fsio.recover_interrupted(out)
     assert (out / "f").read_text() == "old"
 
