@@ -271,9 +271,13 @@ class DecoderAdapter:
         """Parameters of the MLP projections of one layer (weights and biases)."""
         return sum(p.numel() for lin in self.mlp_projections(self.layers[index]) for p in lin.parameters())
 
+    def layer_params(self, index: int) -> int:
+        """Prunable parameters of one layer: its attention and MLP projections."""
+        return self.attention_params(index) + self.mlp_params(index)
+
     def prunable_params(self) -> int:
         """Parameters of every attention and MLP projection (what ``--sparsity`` refers to)."""
-        return sum(self.attention_params(i) + self.mlp_params(i) for i in range(len(self.layers)))
+        return sum(self.layer_params(i) for i in range(len(self.layers)))
 
     def params_per_query_head(self, index: int) -> int:
         """Parameters removed with one query head: its Q rows (+bias) and its O columns."""

@@ -28,7 +28,7 @@ from .streaming import StreamedModel, StreamingError, open_streamed, resolve_off
 
 
 def _layer_params(adapter) -> list[int]:
-    return [adapter.attention_params(j) + adapter.mlp_params(j) for j in range(len(adapter.layers))]
+    return [adapter.layer_params(j) for j in range(len(adapter.layers))]
 
 
 def heldout_ids(tokenizer, data: str | None, calib_data: str | None) -> torch.Tensor:

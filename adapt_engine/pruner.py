@@ -105,7 +105,7 @@ class AdaptPruner:
         if not self.frozen:
             return self.original_prunable
         a = self.adapter
-        return self.original_prunable - sum(a.attention_params(j) + a.mlp_params(j) for j in self.frozen)
+        return self.original_prunable - sum(a.layer_params(j) for j in self.frozen)
 
     def min_params(self) -> int:
         """Smallest reachable size: the lowest attention rung and one MLP channel (or round_to) per layer
@@ -119,7 +119,7 @@ class AdaptPruner:
         ladder = self.settings.ladder
         for j, s in enumerate(self.original_shapes):
             if j in self.frozen:
-                total += a.attention_params(j) + a.mlp_params(j)
+                total += a.layer_params(j)
                 continue
             total += attention_params(a, j, s, rungs(s, ladder, j)[-1], ladder)
             total += min(step, s.intermediate_size) * a.params_per_channel(j)
@@ -259,6 +259,11 @@ class AdaptPruner:
                 keep.mlp = choose_mlp_keep(scores.mlp[j], new.intermediate_size)
             plan.append(keep)
         self._cut(plan, stats, optimizer)
+        return self._record(target_params, loss, raw, importance, sparsity, t0)
+
+    def _record(self, target_params: int, loss: float | None, raw, importance, sparsity, t0: float,
+                **extra) -> dict:
+        """The history record of the sub-step just cut (``extra`` fields before its time), appended and returned."""
         record = {
             "target_params": int(target_params),
             "params": count_params(self.model),
@@ -267,6 +272,7 @@ class AdaptPruner:
             "layer_importance": [float(x) for x in importance],
             "layer_sparsity": [float(x) for x in sparsity],
             "widths": [asdict(sh) for sh in self.adapter.shapes()],
+            **extra,
             "seconds": time.perf_counter() - t0,
         }
         self.history.append(record)
@@ -305,26 +311,15 @@ class AdaptPruner:
         if params != plan.params:
             raise RuntimeError(f"global plan expected {plan.params:,} parameters, surgery left {params:,}")
         n = len(self.adapter.layers)
-        layer_params = [self.adapter.attention_params(j) + self.adapter.mlp_params(j) for j in range(n)]
+        layer_params = [self.adapter.layer_params(j) for j in range(n)]
         size = SizeModel(self.adapter)
         original = [sum(x * m for x, m in zip(size.layer_coefficients(j, self.original_shapes[j]),
                                                (self.original_hidden, 1))) for j in range(n)]
-        record = {
-            "target_params": int(target_params),
-            "params": params,
-            "calib_loss": loss,
-            "layer_importance_raw": [0.0] * n,
-            "layer_importance": [0.0] * n,
-            "layer_sparsity": [1.0 - a / b for a, b in zip(layer_params, original)],
-            "widths": [asdict(sh) for sh in self.adapter.shapes()],
-            "hidden_size": self.adapter.hidden_size,
-            "removed_params": {k: int(v) for k, v in plan.removed_params.items()},
-            "removal_order": plan.removal_order,
-            "params_removed": before - params,
-            "seconds": time.perf_counter() - t0,
-        }
-        self.history.append(record)
-        return record
+        return self._record(target_params, loss, [0.0] * n, [0.0] * n,
+                            [1.0 - a / b for a, b in zip(layer_params, original)], t0,
+                            hidden_size=self.adapter.hidden_size,
+                            removed_params={k: int(v) for k, v in plan.removed_params.items()},
+                            removal_order=plan.removal_order, params_removed=before - params)
 
     def _layer_costs(self, scores: GroupScores) -> list[LayerCosts]:
         """Saliency lost by each attention rung, and cumulative saliency of the cheapest MLP channels, per layer."""
