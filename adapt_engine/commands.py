@@ -196,12 +196,7 @@ def _add_search_validation(report: RunReport, cfg: PruneRunSettings, model, stre
                            val_ids: torch.Tensor, objective: float) -> None:
     """`--from-search`: the pruned model's perplexity on the search's validation split, beside the best trial's
     objective (equal when --steps and the size are the search's)."""
-    from .search import objective_ppl
-
-    if streamed is not None:
-        ppl = streamed_perplexity(streamed, val_ids, seq_len=min(512, val_ids.numel()), batch_size=4)["ppl"]
-    else:
-        ppl = objective_ppl(model, val_ids)
+    ppl = _heldout_ppl(model, val_ids, val_ids.numel(), streamed)["ppl"]  # the search's objective_ppl measure
     report.details.update(from_search=str(cfg.from_search), search_objective=objective, validation_ppl=ppl)
     print(f"validation perplexity {ppl:.4f} (the search's best trial: {objective:.4f})", file=sys.stderr)
 

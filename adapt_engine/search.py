@@ -11,6 +11,7 @@ share one study. ``best.json`` holds everything ``prune --from-search`` needs to
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import socket
 import statistics
@@ -202,18 +203,10 @@ def best_record(cfg: SearchSettings, study) -> dict:
         "calib_indices": [best.params[f"calib_{i}"] for i in range(k)],
         "objective_data": cfg.objective_data, "objective_tokens": cfg.objective_tokens,
         "prune": asdict(settings), "seconds_per_trial_median": statistics.median(seconds) if seconds else None,
-        "best_so_far": [[t.number, v] for t, v in zip(done, _running_min(values))],
+        "best_so_far": [[t.number, v] for t, v in zip(done, itertools.accumulate(values, min))],
         "reproduce": f"adapt-engine prune --from-search {Path(cfg.output) / BEST_NAME} {size} "
                      f"--steps {cfg.prune.steps} --output OUT",
     }
-
-
-def _running_min(values: list[float]) -> list[float]:
-    out, best = [], float("inf")
-    for v in values:
-        best = min(best, v)
-        out.append(best)
-    return out
 
 
 def write_outputs(cfg: SearchSettings, study) -> dict | None:
@@ -295,20 +288,22 @@ def apply_search_result(cfg: PruneRunSettings) -> PruneRunSettings:
     defaults = PruneSettings()
     searched = PruneSettings(**{**best["prune"], "steps": cfg.prune.steps})
     for f in fields(PruneSettings):
-        mine, theirs, default = (getattr(x, f.name) for x in (cfg.prune, searched, defaults))
-        if f.name != "steps" and mine != default and mine != theirs:
-            raise UsageError(f"--from-search sets --{f.name.replace('_', '-')} to {theirs!r} (the search's); drop "
-                             f"--{f.name.replace('_', '-')} {mine!r}")
+        if f.name != "steps":
+            _refuse_override(f.name, getattr(cfg.prune, f.name), getattr(defaults, f.name), getattr(searched, f.name))
     calib = cfg.calib
-    for name, theirs in (("calib_data", best["calib_data"]), ("calib_seq_len", best["calib_seq_len"])):
-        mine = getattr(calib, name)
-        if mine != getattr(CalibSettings(), name) and mine != theirs:
-            raise UsageError(f"--from-search sets --{name.replace('_', '-')} to {theirs!r} (the search's); drop "
-                             f"--{name.replace('_', '-')} {mine!r}")
+    for name in ("calib_data", "calib_seq_len"):
+        _refuse_override(name, getattr(calib, name), getattr(CalibSettings(), name), best[name])
     if cfg.calib_indices is not None:
         raise UsageError("--from-search sets the calibration windows; drop --calib-indices")
     calib = replace(calib, calib_data=best["calib_data"], calib_seq_len=best["calib_seq_len"])
     return replace(cfg, prune=searched, calib=calib, calib_indices=cfg.from_search)
+
+
+def _refuse_override(name: str, mine, default, theirs) -> None:
+    """A UsageError when the user set flag ``name`` (away from its default) to something else than the search used."""
+    if mine != default and mine != theirs:
+        flag = f"--{name.replace('_', '-')}"
+        raise UsageError(f"--from-search sets {flag} to {theirs!r} (the search's); drop {flag} {mine!r}")
 
 
 def search_validation(cfg: PruneRunSettings, tokenizer) -> tuple[torch.Tensor, float]:
