@@ -34,12 +34,21 @@ from .pruner import AdaptPruner
 
 BEST_NAME = "best.json"
 PLOT_NAME = "search.png"
-SEARCH_VERSION = 1
+# 2: the metric itself is searched (Eq. 5's blend or our default `taylor`); best.json files of version 1 still load.
+SEARCH_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# The metrics a trial chooses between: AdaPruner's Eq. 5 blend, and Σ|w·g| (the blend's space lacks it, and
+# random calibration draws scored with it beat the best blend of a 20-trial search: docs/search.md).
+SEARCH_METRICS = ("mix", "taylor")
 # The alignment factor s of Eq. 5, searched log-uniformly: the element-wise term's magnitude differs from the
 # vector term's by orders (the paper searches e-4 to e7 in a few categories).
 MIX_SCALE_RANGE = (1e-4, 1e4)
 # Optuna's heartbeat: a trial whose process died on any machine is failed after this long without a beat.
 HEARTBEAT_SECONDS, GRACE_SECONDS = 60, 180
+# Attempts to open a study that other processes are creating at the same moment (see `_open_study`).
+OPEN_ATTEMPTS = 6
+# How long a running trial may go without naming its process before a resuming search takes it for an orphan.
+ORPHAN_SECONDS = 5.0
 
 
 def objective_ppl(model, ids: torch.Tensor) -> float:
@@ -62,15 +71,33 @@ def trial_settings(trial, base: PruneSettings, k: int, windows: int) -> tuple[Pr
     import optuna
 
     indices = [trial.suggest_int(f"calib_{i}", 0, windows - 1) for i in range(k)]
-    alpha_vector = trial.suggest_float("alpha_vector", 0.0, 1.0)
-    alpha_element = trial.suggest_float("alpha_element", 0.0, 1.0)
-    scale = trial.suggest_float("mix_scale", *MIX_SCALE_RANGE, log=True)
-    aggregate = trial.suggest_categorical("aggregate", list(AGGREGATES))
-    if max(alpha_vector, alpha_element) <= 0.0:  # no metric at all: nothing to score
+    metric = trial.suggest_categorical("importance", list(SEARCH_METRICS))
+    if metric == "mix":  # Eq. 5's weights and scale exist only for the blend (conditional parameters)
+        trial.suggest_float("alpha_vector", 0.0, 1.0)
+        trial.suggest_float("alpha_element", 0.0, 1.0)
+        trial.suggest_float("mix_scale", *MIX_SCALE_RANGE, log=True)
+    trial.suggest_categorical("aggregate", list(AGGREGATES))
+    settings = settings_from_params(base, trial.params)
+    if metric == "mix" and max(settings.mix_alpha) <= 0.0:  # no metric at all: nothing to score
         raise optuna.TrialPruned("both Eq. 5 weights are 0")
-    settings = replace(base, importance="mix", mix_alpha=[alpha_vector, alpha_element], mix_scale=scale,
-                       aggregate=aggregate)
     return settings, indices
+
+
+def settings_from_params(base: PruneSettings, params: dict) -> PruneSettings:
+    """The prune settings a trial's parameters stand for (a version-1 study's trials are all `mix`)."""
+    metric = params.get("importance", "mix")
+    if metric == "mix":
+        return replace(base, importance="mix", mix_alpha=[params["alpha_vector"], params["alpha_element"]],
+                       mix_scale=params["mix_scale"], aggregate=params["aggregate"])
+    return replace(base, importance=metric, aggregate=params["aggregate"])
+
+
+def describe(settings: PruneSettings) -> str:
+    """One trial's metric in a few words, for the progress lines."""
+    if settings.importance == "mix":
+        return (f"mix {settings.mix_alpha[0]:.3f},{settings.mix_alpha[1]:.3f}, s {settings.mix_scale:.3g}, "
+                f"{settings.aggregate}")
+    return f"{settings.importance}, {settings.aggregate}"
 
 
 class _Searcher:
@@ -100,8 +127,7 @@ class _Searcher:
         self.seconds.append(seconds)
         trial.set_user_attr("seconds", seconds)
         trial.set_user_attr("params_after", count_params(model))
-        print(f"trial {trial.number}: validation ppl {value:.4f} ({seconds:.1f} s; {settings.aggregate}, "
-              f"alpha {settings.mix_alpha[0]:.3f},{settings.mix_alpha[1]:.3f}, s {settings.mix_scale:.3g})",
+        print(f"trial {trial.number}: validation ppl {value:.4f} ({seconds:.1f} s; {describe(settings)})",
               file=sys.stderr)
         return value
 
@@ -131,6 +157,25 @@ def _study_record(cfg: SearchSettings) -> dict:
 
 def _open_study(cfg: SearchSettings):
     """The study in --storage: created, replaced (--overwrite) or continued (--resume), never mixed up."""
+    import sqlalchemy.exc
+
+    for attempt in itertools.count(1):
+        try:
+            return _open_study_once(cfg)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as err:
+            # Processes started at the same moment on a new database each create its schema, the study and its
+            # settings record; a loser of that race finds a row or table another just wrote (or SQLite's write
+            # lock) and, trying again, the finished study. Anything else is raised as it is.
+            racing = isinstance(err, sqlalchemy.exc.IntegrityError) or any(
+                sign in str(err) for sign in ("locked", "already exists"))
+            if not racing or attempt == OPEN_ATTEMPTS:
+                raise
+            time.sleep(0.25 * attempt)
+    raise AssertionError("unreachable")
+
+
+def _open_study_once(cfg: SearchSettings):
+    """One attempt of `_open_study`."""
     import optuna
 
     with warnings.catch_warnings():  # the heartbeat is marked experimental; it is what fails trials of dead hosts
@@ -168,10 +213,19 @@ def _fail_dead_local_trials(study, storage) -> None:
     from optuna.trial import TrialState
 
     host = socket.gethostname()
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in running:
         pid = trial.user_attrs.get("pid")
         if trial.user_attrs.get("host") == host and pid is not None and not process_alive(pid):
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # FrozenTrial keeps its id private
+    # A process killed between Optuna creating its trial and the objective naming its host and pid leaves a trial
+    # that names nobody. A live process names its trial within milliseconds: one still anonymous after a pause
+    # is an orphan.
+    if any("pid" not in t.user_attrs for t in running):
+        time.sleep(ORPHAN_SECONDS)
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if "pid" not in trial.user_attrs and trial.number in {t.number for t in running}:
+                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
 
 
 def complete_trials(study) -> list:
@@ -188,9 +242,7 @@ def best_record(cfg: SearchSettings, study) -> dict:
     done = complete_trials(study)
     best = min(done, key=lambda t: (t.value, t.number))
     k = cfg.calib_k
-    settings = replace(cfg.prune, importance="mix",
-                       mix_alpha=[best.params["alpha_vector"], best.params["alpha_element"]],
-                       mix_scale=best.params["mix_scale"], aggregate=best.params["aggregate"])
+    settings = settings_from_params(cfg.prune, best.params)
     seconds = [t.user_attrs["seconds"] for t in done if "seconds" in t.user_attrs]
     values = [t.value for t in done]
     size = f"--sparsity {cfg.sparsity}" if cfg.sparsity is not None else f"--target-params {cfg.target_params}"
@@ -282,7 +334,7 @@ def apply_search_result(cfg: PruneRunSettings) -> PruneRunSettings:
         raise UsageError(f"--from-search {cfg.from_search}: cannot read it ({err.strerror})") from err
     except json.JSONDecodeError as err:
         raise UsageError(f"--from-search {cfg.from_search} is not valid JSON ({err})") from err
-    if not isinstance(best, dict) or best.get("search_version") != SEARCH_VERSION or "prune" not in best:
+    if not isinstance(best, dict) or best.get("search_version") not in READABLE_VERSIONS or "prune" not in best:
         raise UsageError(f"--from-search {cfg.from_search} is not a best.json written by `adapt-engine search`")
     read_calib_indices(cfg.from_search)  # checks the indices
     defaults = PruneSettings()

@@ -38,8 +38,10 @@ def test_search_writes_best_and_prune_from_search_redoes_the_best_trial(tmp_path
     assert best["objective"] == min(t.value for t in trials)
     winner = next(t for t in trials if t.number == best["trial"])
     assert best["calib_indices"] == [winner.params[f"calib_{i}"] for i in range(3)]
-    assert best["prune"]["importance"] == "mix" and best["prune"]["aggregate"] == winner.params["aggregate"]
-    assert best["prune"]["mix_alpha"] == [winner.params["alpha_vector"], winner.params["alpha_element"]]
+    assert best["prune"]["importance"] == winner.params["importance"]
+    assert best["prune"]["aggregate"] == winner.params["aggregate"]
+    if winner.params["importance"] == "mix":
+        assert best["prune"]["mix_alpha"] == [winner.params["alpha_vector"], winner.params["alpha_element"]]
     assert best["prune"]["steps"] == 1 and all(t.user_attrs["seconds"] > 0 for t in trials)
     assert (out / "search.png").stat().st_size > 1000
 
@@ -108,3 +110,60 @@ def test_killed_search_resumes_from_the_stored_trials(tmp_path, tiny_model_dir):
     assert min(n for n in after if n not in before) > max(before)  # and the study continued after them
     assert not [t for t in trials if t.state == TrialState.RUNNING]  # the killed trial (if any) is marked failed
     assert json.loads((out / "best.json").read_text())["trials_complete"] == target
+
+
+def _open_at_once(folders: list[str], barrier, results) -> None:
+    """One of several processes opening the same new study at the same moment, round after round."""
+    from adapt_engine.args import SearchSettings, SizeSettings
+    from adapt_engine.search import _open_study
+
+    for folder in folders:
+        barrier.wait()
+        try:
+            study = _open_study(SearchSettings(output=folder, size=SizeSettings(sparsity=0.2), resume=True))
+            results.put((folder, study.user_attrs["search"]["sparsity"]))
+        except Exception as err:  # reported to the test, which names it
+            results.put((folder, f"{type(err).__name__}: {err}"))
+
+
+def test_processes_starting_together_on_a_new_database_share_one_study(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    folders = [str(tmp_path / f"round{r}") for r in range(4)]
+    for folder in folders:
+        Path(folder).mkdir()
+    barrier, results = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_open_at_once, args=(folders, barrier, results)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=120) for _ in range(3 * len(folders))]
+    for p in procs:
+        p.join(timeout=60)
+    assert [value for _, value in got] == [0.2] * len(got), got
+    assert sorted(f for f, _ in got) == sorted(f for f in folders for _ in range(3))
+    for folder in folders:
+        study = optuna.load_study(study_name="adapt-engine-search", storage=f"sqlite:///{folder}/study.db")
+        assert study.user_attrs["search"]["sparsity"] == 0.2
+
+
+def test_the_search_space_offers_taylor_and_the_blend(tmp_path):
+    from adapt_engine.args import PruneSettings
+    from adapt_engine.search import settings_from_params, trial_settings
+
+    base = PruneSettings()
+    seen = set()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(12):
+        trial = study.ask()
+        settings, indices = trial_settings(trial, base, 3, 50)
+        seen.add(settings.importance)
+        assert len(indices) == 3 and all(0 <= i < 50 for i in indices)
+        if settings.importance == "taylor":  # the blend's weights are not sampled for taylor
+            assert "mix_scale" not in trial.params and settings.mix_alpha == base.mix_alpha
+        study.tell(trial, 1.0)
+    assert seen == {"mix", "taylor"}
+    # a version-1 best.json's parameters (no "importance") stand for the blend
+    old = settings_from_params(base, {"alpha_vector": 0.5, "alpha_element": 0.25, "mix_scale": 2.0,
+                                      "aggregate": "max"})
+    assert (old.importance, old.mix_alpha, old.mix_scale, old.aggregate) == ("mix", [0.5, 0.25], 2.0, "max")
