@@ -219,7 +219,7 @@ def _plot_removal_by_type(ax, history: list[dict], hidden_before: int | None) ->
         values = [rec.get("removed_params", {}).get(kind, 0) / 1e6 for rec in history]
         ax.bar(steps, values, bottom=bottom, color=color, label=kind)
         bottom = [b + v for b, v in zip(bottom, values)]
-    ax.set_xlabel("pruning sub-step")
+    ax.set_xlabel("pruning sub-step (accel --prune-every: slice)")
     ax.set_ylabel("parameters removed (M)")
     ax.legend(loc="upper left")
     hidden = [rec.get("hidden_size") for rec in history]
@@ -240,7 +240,7 @@ def plot_progress(records: list[dict], path: Path) -> Path:
     evals = [r for r in records if r["event"] == "eval" and r.get("ppl") is not None]
     # Parameter count as a staircase: the original size, then the size after each prune.
     sizes = [(0, r["params"]) for r in records if r["event"] == "eval" and r["phase"] == -1]
-    sizes += [(r["tokens"], r["params"]) for r in records if r["event"] == "prune"]
+    sizes += [(r["tokens"], r["params"]) for r in records if r["event"] in ("prune", "slice")]
     if steps:
         sizes.append((steps[-1]["tokens"], steps[-1]["params"]))
     fig, (ax1, ax3) = plt.subplots(2, 1, figsize=(10, 8), sharex=True)

@@ -192,20 +192,41 @@ def distill_reference(model_dir, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("checkpoint_every,stop", [(0, 4), (2, 5)])
-def test_resume_after_interrupt_matches_uninterrupted(model_dir, tmp_path, reference, checkpoint_every, stop):
-    """(0, 4): resumes at the phase-2/3 boundary (re-prunes from the saved scores); (2, 5): mid-phase."""
-    cfg = _cfg(model_dir, tmp_path / "cut", checkpoint_every=checkpoint_every, **REF)
+# --prune-every: one training stage of 6 steps, slices of the global ranking (stem channels included, scored by
+# the training tap) after steps 2 and 4; the slice after step 4 is the last with training after it and closes.
+SLICES = dict(REF, interleaves=AccelConfig.interleaves, prune_steps=None, allocation="global",
+              groups="heads,mlp,stem", prune_every=2, slice_groups=10)
+
+
+@pytest.fixture(scope="module")
+def slices_reference(model_dir, tmp_path_factory):
+    """An uninterrupted --prune-every run."""
+    return run(_cfg(model_dir, tmp_path_factory.mktemp("reference-slices") / "out", **SLICES))
+
+
+@pytest.mark.parametrize("checkpoint_every,stop,mode", [(0, 4, "phases"), (2, 5, "phases"), (1, 3, "slices"),
+                                                        (2, 3, "slices"), (2, 5, "slices")])
+def test_resume_after_interrupt_matches_uninterrupted(model_dir, tmp_path, reference, slices_reference,
+                                                      checkpoint_every, stop, mode):
+    """(0, 4): resumes at the phase-2/3 boundary (re-prunes from the saved scores); (2, 5): mid-phase. --prune-every:
+    (1, 3) resumes between slices with the tap's scores (stem too) half accumulated; (2, 3) from the checkpoint
+    taken right after the first slice (which must not run again); (2, 5) after the pruning period."""
+    kw, expected = (REF, reference) if mode == "phases" else (SLICES, slices_reference)
+    cfg = _cfg(model_dir, tmp_path / "cut", checkpoint_every=checkpoint_every, **kw)
     with pytest.raises(Interrupt):
         run(cfg, on_step=_interrupt_at(stop))
     assert latest_checkpoint(cfg.run_dir() / "checkpoints") is not None
     with pytest.raises(FileExistsError, match="--resume"):
         run(cfg)
-    resumed = run(_cfg(model_dir, tmp_path / "cut", checkpoint_every=checkpoint_every, resume=True, **REF))
-    _assert_same_weights(reference.model, resumed.model)
-    assert [p["ppl"] for p in resumed.report["phases"]] == [p["ppl"] for p in reference.report["phases"]]
+    resumed = run(_cfg(model_dir, tmp_path / "cut", checkpoint_every=checkpoint_every, resume=True, **kw))
+    _assert_same_weights(expected.model, resumed.model)
+    assert [p["ppl"] for p in resumed.report["phases"]] == [p["ppl"] for p in expected.report["phases"]]
     lines = (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()
     assert sum(json.loads(x)["event"] == "step" for x in lines) == 6  # replayed steps are not logged twice
+    if mode == "slices":
+        assert [s["global_step"] for s in expected.report["slices"]] == [2, 4]
+        assert resumed.report["slices"] == expected.report["slices"]
+        assert [json.loads(x)["global_step"] for x in lines if json.loads(x)["event"] == "slice"] == [2, 4]
 
 
 @pytest.mark.parametrize("mode", ["none", "progressive"])
