@@ -117,6 +117,12 @@ def _summary_lines(r: dict) -> list[str]:
         lines.append(f"removal order  {_order_text(order)}")
     if "optimizer_steps" in r:
         lines.append(f"training       {r['tokens_used']:,} tokens in {r['optimizer_steps']} optimizer steps")
+    slices = r.get("slices")
+    if slices:  # accel --prune-every
+        last = slices[-1]
+        lines.append(f"slices         {len(slices)} (after steps {slices[0]['global_step']}..{last['global_step']}, "
+                     f"{sum(x['groups'] for x in slices):,} groups); the last removed {last['groups']:,}"
+                     + (" to land on the target (the schedule had not reached it)" if last["forced"] else ""))
     peak = r.get("peak_rss_mb")
     lines.append(f"wall time      {r['wall_seconds']:.1f} s" + (f"  (peak RSS {peak:,.0f} MB)" if peak else ""))
     if r.get("round_to", 1) > 1:

@@ -12,6 +12,7 @@ import torch
 
 from adapt_engine.accel import AccelConfig, run
 from adapt_engine.errors import UsageError
+from adapt_engine.report import format_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,6 +54,15 @@ def test_resumed_stem_run_equals_uninterrupted(model_dir, tmp_path):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [p["ppl"] for p in resumed.report["phases"]] == [p["ppl"] for p in reference.report["phases"]]
+
+
+def test_phases_prune_stem_channels_from_training_saliency(model_dir, tmp_path):
+    cfg = _cfg(model_dir, tmp_path / "out", saliency="train")
+    r = run(cfg).report
+    prunes = [x for x in _records(cfg.output) if x["event"] == "prune"]
+    assert [p["saliency"] for p in prunes] == ["calib", "train", "train"]
+    assert r["hidden_size_after"] < r["hidden_size_before"]
+    assert 0 <= r["params_after"] - r["target_params"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -104,6 +114,16 @@ def test_slices_every_k_steps_land_on_the_target(model_dir, tmp_path, k, groups)
         assert steps[s["global_step"]]["params"] == s["params"]
     assert (Path(cfg.output) / "pruning_report.png").stat().st_size > 1000
     assert len(r["prune_history"]) == len(slices)
+
+
+@pytest.mark.parametrize("kw", [dict(distill="kd"), dict(saliency="calib"), dict(reset_optimizer=True)])
+def test_slices_with_a_teacher_calibration_scores_or_a_fresh_optimizer(model_dir, tmp_path, kw):
+    r = run(_slices_cfg(model_dir, tmp_path / "out", slice_groups=40, **kw)).report
+    assert 0 <= r["params_after"] - r["target_params"] < 3 * r["hidden_size_after"]
+    assert {s["saliency"] for s in r["slices"]} == {kw.get("saliency", "train")}
+    assert "slices         " in format_report(r)
+    if "distill" in kw:
+        assert r["phases"][0]["teacher"]["name"] == "snapshot-original"
 
 
 def test_slices_prune_stem_channels_scored_by_the_training_tap(model_dir, tmp_path):
