@@ -667,6 +667,8 @@ def train_phase(run: AccelRun, state: AccelState, on_step: Callable[[dict], None
             rec, step_tokens = train_one_step(run, state, session, windows, params, loss_fn)
             if slice_due(run, state):  # before the checkpoint below, so a resume never repeats or skips it
                 sync_back(session, state.model, state.optimizer)
+                # DDP's reducer holds every parameter's grad accumulator, which keeps its pre-cut shape: release it
+                session = None
                 prune_slice(run, state)
                 session = start_session(state.model, state.optimizer, run.d, shard_optimizer(cfg))
                 session.module.train()

@@ -416,10 +416,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_single_process(model_dir, tmp_path, reference, distill_reference):
+def test_two_processes_match_single_process(model_dir, tmp_path, reference, distill_reference, slices_reference):
     """The same global batch on 2 gloo ranks, with DDP, with FSDP2 (which also checkpoints mid-phase, gathering
-    its shards back) and with DDP under --distill progressive (each rank loads the teachers rank 0 snapshots):
-    the ranks end bitwise identical, and equal to one process up to the order of the gradient reductions."""
+    its shards back), with DDP under --distill progressive (each rank loads the teachers rank 0 snapshots) and with
+    DDP under --prune-every (slices between steps, the session rebuilt after each): the ranks end bitwise
+    identical, and equal to one process up to the order of the gradient reductions."""
     from dataclasses import asdict
 
     # 8 calibration samples in batches of 4: one batch per rank, so the summed saliency is the same sum.
@@ -429,7 +430,8 @@ def test_two_processes_match_single_process(model_dir, tmp_path, reference, dist
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     progressive = _cfg(model_dir, tmp_path / "progressive", **REF, **distill_settings("progressive"))
-    plan = json.dumps([(asdict(c), _free_port()) for c in (ddp, fsdp, progressive)])
+    slices = _cfg(model_dir, tmp_path / "slices", **SLICES)
+    plan = json.dumps([(asdict(c), _free_port()) for c in (ddp, fsdp, progressive, slices)])
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
@@ -440,8 +442,8 @@ def test_two_processes_match_single_process(model_dir, tmp_path, reference, dist
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
     fsdp_reference = run(_cfg(model_dir, tmp_path / "single", micro_batch=2))
     singles = [reference.model.state_dict(), fsdp_reference.model.state_dict(),
-               distill_reference("progressive").model.state_dict()]
-    for i, (mode, single) in enumerate(zip(("ddp", "fsdp", "progressive"), singles)):
+               distill_reference("progressive").model.state_dict(), slices_reference.model.state_dict()]
+    for i, (mode, single) in enumerate(zip(("ddp", "fsdp", "progressive", "slices"), singles)):
         r0 = torch.load(tmp_path / f"run{i}-rank0.pt")
         r1 = torch.load(tmp_path / f"run{i}-rank1.pt")
         assert r0.keys() == r1.keys() == single.keys()
