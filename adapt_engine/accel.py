@@ -52,7 +52,7 @@ from .distributed import (
 from .errors import AdaptEngineError, UsageError
 from .evaluate import perplexity
 from .fsio import atomic_write
-from .groups import GroupScores, group_members
+from .groups import GroupScores, tap_targets
 from .models import load_model, parse_dtype
 from .optim import build_optimizer
 from .options import check_output
@@ -182,6 +182,8 @@ class AccelState:
         """The trainer state written into a checkpoint beside the model."""
         saliency = None if self.scores is None else {k: [t.cpu() for t in getattr(self.scores, k)]
                                                      for k in SCORE_KINDS}
+        if self.scores is not None and self.scores.stem is not None:
+            saliency["stem"] = self.scores.stem.cpu()
         return {"position": dict(self.position), "optimizer": self.optimizer.state_dict(),
                 "schedule": self.schedule.state_dict(), "pruner": self.pruner.state_dict(), "saliency": saliency,
                 "summary": self.summary, "distill": self.distill}
@@ -213,9 +215,9 @@ def layer_widths(model) -> list[dict]:
 
 
 def saliency_targets(model, scores: GroupScores) -> dict:
-    """Map every prunable parameter to (its group-score vector, pruned dim, group size) for the optimizer."""
-    return {p: (scores.bucket(m.layer, m.bucket), m.dim, m.group_size)
-            for p, m in group_members(DecoderAdapter(model)).items()}
+    """Map every prunable parameter to its (group-score vector, pruned dim, group size) entries for the optimizer
+    (stem channels too when ``scores`` has a stem vector)."""
+    return tap_targets(DecoderAdapter(model), scores)
 
 
 def new_optimizer(cfg: AccelConfig, model: nn.Module):
@@ -332,6 +334,10 @@ def prepare_data(run: AccelRun) -> None:
     run.phase_steps = [steps_of(b - a, cfg.global_batch) for a, b in run.plan.bounds]
     if run.total_steps == 0:
         raise UsageError("no training steps: raise --train-tokens")
+    if cfg.prune_every and run.total_steps <= cfg.prune_every:
+        raise UsageError(f"--prune-every {cfg.prune_every} slices after every {cfg.prune_every} optimizer steps, but "
+                         f"the run has {run.total_steps}: no slice would have training after it. Lower --prune-every "
+                         f"or raise --train-tokens")
     empty = sum(1 for s in run.phase_steps if s == 0)
     if empty:
         log(run, f"warning: {empty} of {cfg.interleaves} phases get no training window ({run.plan.windows.shape[0]} "
@@ -355,7 +361,7 @@ def build_state(run: AccelRun, model: nn.Module, tree: dict | None) -> AccelStat
         raise UsageError(f"--target-params {target:,} exceeds the model's {original:,} parameters")
     if target < pruner.min_params():
         raise UsageError(f"--target-params {target:,} is below the smallest reachable size {pruner.min_params():,}")
-    run.targets = phase_targets(original, target, cfg.interleaves)
+    run.targets = phase_targets(original, target, cfg.phases)
     return state
 
 
@@ -412,8 +418,9 @@ def prepare(cfg: AccelConfig, d: Dist, t_start: float) -> tuple[AccelRun, AccelS
         run.metrics.write({"event": "eval", "phase": -1, "global_step": 0, "params": original,
                            "ppl": summary["ppl_initial"]})
     target = run.targets[-1]
-    log(run, f"Adapt-Accel: {original:,} -> {target:,} params in {cfg.interleaves} phases "
-        f"(P = {(target / original) ** (1 / cfg.interleaves):.4f} per phase), {run.total_steps} optimizer "
+    how = (f"{cfg.slice_groups} groups every {cfg.prune_every} optimizer steps" if cfg.prune_every else
+           f"{cfg.interleaves} phases (P = {(target / original) ** (1 / cfg.interleaves):.4f} per phase)")
+    log(run, f"Adapt-Accel: {original:,} -> {target:,} params in {how}, {run.total_steps} optimizer "
         f"steps over {run.plan.windows.shape[0]:,} windows x {cfg.seq_len} tokens, "
         f"initial held-out ppl {summary['ppl_initial'] or float('nan'):.3f}")
     return run, state
@@ -453,10 +460,7 @@ def prune_phase(run: AccelRun, state: AccelState) -> None:
     check_same_shapes(state.model, run.d)
     if cfg.reset_optimizer:
         state.optimizer = new_optimizer(cfg, state.model)
-    state.scores = None
-    if cfg.saliency == "train":
-        state.scores = GroupScores.zeros(state.pruner.adapter, device=run.d.device)
-        state.optimizer.track_saliency(saliency_targets(state.model, state.scores))
+    start_tap(run, state)
     teacher = choose_teacher(run, state)
     pos["pruned"] = True
     run.metrics.write({"event": "prune", "phase": i, "global_step": pos["global_step"], "tokens": pos["tokens"],
@@ -464,6 +468,69 @@ def prune_phase(run: AccelRun, state: AccelState) -> None:
                        "seconds": time.perf_counter() - t0, "sub_steps": len(records),
                        "saliency": "train" if group_scores is not None else "calib",
                        **({"teacher": teacher["name"], "teacher_params": teacher["params"]} if teacher else {})})
+
+
+def start_tap(run: AccelRun, state: AccelState) -> None:
+    """--saliency train: fresh zero scores for the model's current shapes (stem channels too with --groups
+    ...,stem), accumulated by the optimizer from here on; otherwise none."""
+    state.scores = None
+    if run.cfg.saliency == "train":
+        state.scores = GroupScores.zeros(state.pruner.adapter, device=run.d.device, stem=state.pruner.stem)
+        state.optimizer.track_saliency(saliency_targets(state.model, state.scores))
+
+
+def begin_slices(run: AccelRun, state: AccelState) -> None:
+    """--prune-every: the one training stage starts unpruned; the tap (and a --distill kd teacher) start now."""
+    state.position["pruned"] = True
+    start_tap(run, state)
+    choose_teacher(run, state)
+
+
+def slice_due(run: AccelRun, state: AccelState) -> bool:
+    """--prune-every: whether a slice follows the optimizer step just taken (every K steps, while training is left
+    after it and the pruning period has not ended)."""
+    cfg, pos = run.cfg, state.position
+    g = pos["global_step"]
+    return (bool(cfg.prune_every) and not pos.get("slices_done", False) and g % cfg.prune_every == 0
+            and g < run.total_steps)
+
+
+def prune_slice(run: AccelRun, state: AccelState) -> None:
+    """--prune-every: remove the --slice-groups cheapest groups of the global ranking (scored from the training
+    gradients since the last slice, or by a calibration pass with --saliency calib), AdamW state cut along. The
+    last slice point with training after it removes whatever is left down to the target, so the run always
+    lands there (within one removable group, as `prune` does)."""
+    cfg, pos = run.cfg, state.position
+    t0 = time.perf_counter()
+    target = run.targets[-1]
+    closing = pos["global_step"] + cfg.prune_every >= run.total_steps
+    group_scores = state.scores if cfg.saliency == "train" else None
+    state.optimizer.clear_saliency()
+    rec = state.pruner.step(target, None if cfg.reset_optimizer else state.optimizer, group_scores,
+                            max_groups=None if closing else cfg.slice_groups)
+    check_same_shapes(state.model, run.d)
+    if cfg.reset_optimizer:
+        state.optimizer = new_optimizer(cfg, state.model)
+    groups = sum(n for _, n in rec["removal_order"])
+    # a slice short of its groups met the target or ran out of groups that fit: the pruning period is over
+    pos["slices_done"] = closing or groups < cfg.slice_groups
+    pos["slices"] = pos.get("slices", 0) + 1
+    if pos["slices_done"]:
+        state.optimizer.clear_saliency()
+        state.scores = None
+    else:
+        start_tap(run, state)
+    forced = closing and groups > cfg.slice_groups
+    if forced:
+        log(run, f"warning: --prune-every {cfg.prune_every} with --slice-groups {cfg.slice_groups} had not reached "
+            f"the target by step {pos['global_step']} (the last slice with training after it); that slice removed "
+            f"{groups} groups to land on it. Raise --slice-groups or --train-tokens, or lower --prune-every")
+    record = {"slice": pos["slices"], "global_step": pos["global_step"], "tokens": pos["tokens"],
+              "params": rec["params"], "target": target, "groups": groups, "removed_params": rec["removed_params"],
+              "removal_order": rec["removal_order"], "hidden_size": rec["hidden_size"], "forced": forced,
+              "last": pos["slices_done"], "saliency": "train" if group_scores is not None else "calib"}
+    state.summary.setdefault("slices", []).append(record)
+    run.metrics.write({"event": "slice", "phase": pos["phase"], **record, "seconds": time.perf_counter() - t0})
 
 
 def choose_teacher(run: AccelRun, state: AccelState) -> dict | None:
@@ -572,7 +639,7 @@ def phase_loss(run: AccelRun, state: AccelState) -> DistillLoss | None:
     cfg = run.cfg
     if cfg.distill == "none":
         return None
-    if state.position["phase"] >= cfg.interleaves:
+    if state.position["phase"] >= cfg.phases:
         state.distill["teacher"] = final_stage_teacher(run, state)
     teacher = run.teacher.get(state.distill["teacher"])
     return DistillLoss(teacher, cfg.kd_temperature, cfg.kd_layer_weight, cfg.ce_weight)
@@ -585,9 +652,11 @@ def train_phase(run: AccelRun, state: AccelState, on_step: Callable[[dict], None
     session = start_session(state.model, state.optimizer, run.d, shard_optimizer(cfg))
     session.module.train()
     windows, n_steps = run.plan.phase(i), run.phase_steps[i]
-    final = i >= cfg.interleaves
+    final = i >= cfg.phases
+    label = (f"training, pruning every {cfg.prune_every} steps" if cfg.prune_every
+             else f"phase {i + 1}/{cfg.interleaves}")
     bar = tqdm(total=windows.shape[0] * cfg.seq_len, initial=pos["step_in_phase"] * cfg.global_batch * cfg.seq_len,
-               desc="final distillation" if final else f"phase {i + 1}/{cfg.interleaves}", unit="tok",
+               desc="final distillation" if final else label, unit="tok",
                unit_scale=True, file=sys.stderr, dynamic_ncols=True, disable=not run.d.main)
     params = count_params(state.model)
     loss_fn = phase_loss(run, state)
@@ -596,6 +665,14 @@ def train_phase(run: AccelRun, state: AccelState, on_step: Callable[[dict], None
             if final:  # the teacher grows along the stage (loaded only when it changes)
                 loss_fn = phase_loss(run, state)
             rec, step_tokens = train_one_step(run, state, session, windows, params, loss_fn)
+            if slice_due(run, state):  # before the checkpoint below, so a resume never repeats or skips it
+                sync_back(session, state.model, state.optimizer)
+                # DDP's reducer holds every parameter's grad accumulator, which keeps its pre-cut shape: release it
+                session = None
+                prune_slice(run, state)
+                session = start_session(state.model, state.optimizer, run.d, shard_optimizer(cfg))
+                session.module.train()
+                params = count_params(state.model)
             bar.update(step_tokens)
             terms = {k: f"{rec[k]:.3f}" for k in ("kl", "layer", "ce") if k in rec}
             bar.set_postfix(loss=f"{rec['loss']:.3f}", **terms, lr=f"{rec['lr']:.2e}",
@@ -626,16 +703,17 @@ def evaluate(run: AccelRun, state: AccelState, n_steps: int) -> None:
     cfg, pos = run.cfg, state.position
     i = pos["phase"]
     ppl = heldout_ppl(run, state.model) if cfg.val_tokens else None
-    phase_rec = {"phase": i, "params": count_params(state.model), "target": run.targets[min(i, cfg.interleaves - 1)],
+    phase_rec = {"phase": i, "params": count_params(state.model), "target": run.targets[min(i, cfg.phases - 1)],
                  "steps": n_steps, "tokens": int(run.plan.phase(i).shape[0] * cfg.seq_len),
                  "tokens_total": pos["tokens"], "ppl": ppl, "widths": layer_widths(state.model),
                  "teacher": phase_teacher(state)}
-    if i >= cfg.interleaves:  # the final stage: every snapshot in turn
+    if i >= cfg.phases:  # the final stage: every snapshot in turn
         phase_rec["teacher"]["sequence"] = [s["name"] for s in final_teachers(state)]
     state.summary["phases"].append(phase_rec)
     run.metrics.write({"event": "eval", **{k: v for k, v in phase_rec.items() if k != "widths"},
                        "global_step": pos["global_step"]})
-    label = "final distillation" if i >= cfg.interleaves else f"phase {i + 1}/{cfg.interleaves}"
+    label = ("final distillation" if i >= cfg.phases else "training" if cfg.prune_every
+             else f"phase {i + 1}/{cfg.interleaves}")
     log(run, f"{label}: {phase_rec['params']:,} params, {n_steps} steps, held-out ppl "
         f"{ppl if ppl is not None else float('nan'):.3f}")
     pos.update(phase=i + 1, pruned=False, step_in_phase=0)
@@ -659,7 +737,9 @@ def build_report(run: AccelRun, state: AccelState) -> RunReport:
         peak_rss_mb=peak_memory_mb(cfg.device),
         details={"optimizer_steps": run.total_steps, "tokens_used": state.position["tokens"], "phases": phases,
                  "prune_history": state.pruner.history, "hidden_size_before": state.pruner.original_hidden,
-                 "hidden_size_after": DecoderAdapter(state.model).hidden_size},
+                 "hidden_size_after": DecoderAdapter(state.model).hidden_size,
+                 # --prune-every: every slice (step, parameters after, groups and parameters removed per type)
+                 **({"slices": summary.get("slices", [])} if cfg.prune_every else {})},
     )
 
 
@@ -703,7 +783,9 @@ def run(cfg: AccelConfig, on_step: Callable[[dict], None] | None = None) -> Acce
         accel_run, state = prepare(cfg, d, t_start)
         while state.position["phase"] < accel_run.stages:
             if not state.position["pruned"]:
-                if state.position["phase"] < cfg.interleaves:
+                if cfg.prune_every:
+                    begin_slices(accel_run, state)
+                elif state.position["phase"] < cfg.interleaves:
                     prune_phase(accel_run, state)
                 else:
                     begin_final_stage(accel_run, state)

@@ -69,7 +69,8 @@ def plan_data(ids: torch.Tensor, cfg) -> DataPlan:
     """Cut ``ids`` into windows, draw ``train_tokens`` worth without replacement, split into phases (and, with
     ``distill_final_tokens``, that many more for a final stage: one more entry in ``bounds``).
 
-    ``cfg`` gives ``seq_len``, ``train_tokens``, ``interleaves`` and ``seed`` (an AccelConfig).
+    ``cfg`` gives ``seq_len``, ``train_tokens``, ``phases`` and ``seed`` (an AccelConfig; ``--prune-every`` runs
+    have one phase).
     """
     available = ids.numel() // cfg.seq_len
     wanted = available if cfg.train_tokens is None else cfg.train_tokens // cfg.seq_len
@@ -91,7 +92,7 @@ def plan_data(ids: torch.Tensor, cfg) -> DataPlan:
     # The final stage's windows follow the phases' in the same permutation: the phases' draw is unchanged.
     order = torch.randperm(available, generator=gen)[:wanted + final]
     windows = ids[: available * cfg.seq_len].view(available, cfg.seq_len)[order].clone()
-    counts = split_counts(wanted, phase_shares(cfg.interleaves)) + ([final] if final else [])
+    counts = split_counts(wanted, phase_shares(cfg.phases)) + ([final] if final else [])
     bounds, start = [], 0
     for c in counts:
         bounds.append((start, start + c))

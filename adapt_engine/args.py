@@ -452,6 +452,14 @@ class AccelConfig(CommandSettings):
     saliency: str = setting("calib", choices=SALIENCY_SOURCES,
                             help="group scores for each prune: a calibration backward pass, or |w*g| accumulated "
                             "inside the optimizer step from the previous phase's training gradients (no extra pass)")
+    # Issue 15, item 3: EfficientLLM's pruning inside training (docs/stem.md, "Pruning inside training").
+    prune_every: int = setting(0, minimum=0,
+                               help="prune inside training instead of in --interleaves phases: after every K "
+                               "optimizer steps remove one slice of --slice-groups groups (--allocation global), "
+                               "until the target is reached, then train to the end of the budget (0 = phases)")
+    slice_groups: int = setting(1, minimum=1,
+                                help="--prune-every: groups removed per slice (EfficientLLM's pruning steps per "
+                                "iteration: its ratio P:T is --slice-groups P --prune-every T)")
     calib: CalibSettings = nested(lambda: CalibSettings(calib_samples=128), exclude=("calib_data",))
     val_tokens: int = setting(8192, minimum=0, math=False,
                               help="held-out tokens for the perplexity after every phase (0 = skip)")
@@ -524,9 +532,6 @@ class AccelConfig(CommandSettings):
              "--saliency train accumulates the taylor score |w*g|; use --importance taylor with it"),
             (self.saliency != "train" or self.aggregate == "sum",
              "--saliency train sums |w*g| over each group inside the optimizer step; use --aggregate sum with it"),
-            (self.saliency != "train" or "stem" not in self.prune.group_types,
-             "--saliency train scores heads and MLP channels inside the optimizer step, not stem channels; use "
-             "--saliency calib with --groups ...,stem"),
             (self.warmup + self.decay <= 1.0,
              f"--warmup {self.warmup} plus --decay {self.decay} exceed 1: the two ramps would overlap"),
             (self.min_lr <= self.lr, f"--min-lr {self.min_lr} is above --lr {self.lr}; lower --min-lr"),
@@ -541,6 +546,22 @@ class AccelConfig(CommandSettings):
             (self.distill_final_tokens == 0 or self.train_tokens is not None,
              "--distill-final-tokens draws its windows beside --train-tokens; give --train-tokens so that some of the "
              "training split is left for it"),
+            (self.prune_every or self.slice_groups == 1,
+             "--slice-groups is the slice size of --prune-every; add --prune-every K or drop --slice-groups"),
+            (not self.prune_every or self.allocation == "global",
+             "--prune-every removes slices of the one global ranking of groups; add --allocation global"),
+            (not self.prune_every or self.interleaves == AccelConfig.interleaves,
+             "--prune-every replaces the --interleaves phases (the model shrinks every K steps instead); drop "
+             "--interleaves"),
+            (not self.prune_every or self.prune_steps is None,
+             "--prune-steps counts the sub-steps of each phase's prune; --prune-every prunes in slices of "
+             "--slice-groups groups instead: drop --prune-steps"),
+            (not self.prune_every or self.distill != "progressive",
+             "--distill progressive snapshots the model at phase boundaries, which --prune-every does not have; use "
+             "--distill kd or none with it"),
+            (not (self.prune_every and self.fsdp),
+             "--prune-every cuts the model between optimizer steps, while --fsdp holds it sharded for a whole phase; "
+             "use DDP (drop --fsdp) with it"),
             (self.distill != "none" or loss_defaults,
              "--kd-temperature, --kd-layer-weight and --ce-weight shape the distillation loss; add --distill kd or "
              "--distill progressive, or leave them at their defaults"),
@@ -548,6 +569,11 @@ class AccelConfig(CommandSettings):
         for ok, msg in checks:
             if not ok:
                 raise UsageError(msg)
+
+    @property
+    def phases(self) -> int:
+        """Prune/train phases: N_P, or the single training stage that --prune-every prunes inside."""
+        return 1 if self.prune_every else self.interleaves
 
     @property
     def steps_per_phase(self) -> int:

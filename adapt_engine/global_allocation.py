@@ -133,9 +133,10 @@ def _unit_shape(shape: LayerShape, mode: str, units: int) -> LayerShape:
 
 
 def plan_global(adapter: DecoderAdapter, scores: GroupScores, target: int, groups: tuple[str, ...], mode: str,
-                uniform: bool, size: SizeModel | None = None) -> GlobalPlan:
+                uniform: bool, size: SizeModel | None = None, max_groups: int | None = None) -> GlobalPlan:
     """Remove the groups of ``groups`` with the least saliency per parameter until the model has ``target``
-    parameters or just above (see the module docstring for the exact normalisation)."""
+    parameters or just above (see the module docstring for the exact normalisation), or, with ``max_groups``,
+    after that many candidates (one slice of ``accel --prune-every``), whichever comes first."""
     size = size or SizeModel(adapter)
     shapes = adapter.shapes()
     n = len(shapes)
@@ -199,8 +200,9 @@ def plan_global(adapter: DecoderAdapter, scores: GroupScores, target: int, group
     closed: set[int] = set()
     removed = {t: 0 for t in groups}
     order: list[list] = []
+    taken = 0
     for c in cands:
-        if total <= target:
+        if total <= target or (max_groups is not None and taken >= max_groups):
             break
         if c.seq in closed:
             continue
@@ -222,6 +224,7 @@ def plan_global(adapter: DecoderAdapter, scores: GroupScores, target: int, group
             closed.add(c.seq)  # too big for what is left: neither it nor its dearer successors fit
             continue
         removed[c.kind] += total - new_total
+        taken += 1
         total, per_h, fixed = new_total, per_h + d_per_h, fixed + d_fixed
         for j, s in new_shapes.items():
             cur[j] = s

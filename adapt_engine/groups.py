@@ -75,6 +75,21 @@ def stem_members(adapter: DecoderAdapter) -> dict[nn.Parameter, Member]:
     return {p: Member(-1, STEM, dim, 1) for p, dim in adapter.stem_members()}
 
 
+TapTargets = dict[nn.Parameter, list[tuple[torch.Tensor, int, int]]]  # param -> [(score vector, dim, group size)]
+
+
+def tap_targets(adapter: DecoderAdapter, scores: GroupScores) -> TapTargets:
+    """Every prunable parameter mapped to the (score vector, pruned dim, group size) entries the optimizer's
+    saliency tap adds ``Σ|w ⊙ g|`` into: its head or MLP channel, and, when ``scores`` has a stem vector, the
+    hidden channels along its other dim (embedding, norms and an untied LM head feed the stem alone)."""
+    out: TapTargets = {}
+    members = [group_members(adapter)] + ([stem_members(adapter)] if scores.stem is not None else [])
+    for table in members:
+        for p, m in table.items():
+            out.setdefault(p, []).append((scores.bucket(m.layer, m.bucket), m.dim, m.group_size))
+    return out
+
+
 @dataclass
 class GroupScores:
     """Saliency per group: for each layer, per query head, per KV head (K/V alone), per MLP channel; and, when

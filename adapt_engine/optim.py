@@ -13,11 +13,12 @@ Backends:
   * ``torch-foreach`` — ``torch.optim.AdamW(foreach=True)``
   * ``auto``         — the first of those the parameters' device supports.
 
-Saliency tap: :meth:`AdamW.track_saliency` registers, per parameter, a group-score vector, the pruned
-dimension and the group size. Right before each update the optimizer adds ``Σ_group |w ⊙ g|`` (the
-first-order Taylor score Adapt-Pruner uses) from the *training* gradient, so the next prune needs no
-separate backward pass over calibration data. Under DDP the gradients are already all-reduced at that
-point, so every rank accumulates identical scores.
+Saliency tap: :meth:`AdamW.track_saliency` registers, per parameter, one or more (group-score vector, pruned
+dimension, group size) targets — a projection weight feeds two when stem channels are scored: its head or MLP
+channel along one dimension, the hidden channels along the other. Right before each update the optimizer
+adds ``Σ_group |w ⊙ g|`` (the first-order Taylor score Adapt-Pruner uses) from the *training* gradient, so the
+next prune needs no separate backward pass over calibration data. Under DDP the gradients are already
+all-reduced at that point, so every rank accumulates identical scores.
 """
 
 from __future__ import annotations
@@ -90,18 +91,20 @@ class AdamW(torch.optim.AdamW):
             fused=True if self.backend == "torch-fused" else None,
             foreach=True if self.backend == "torch-foreach" else (False if self.backend == "triton" else None),
         )
-        self._saliency: dict[nn.Parameter, tuple[torch.Tensor, int, int]] = {}
+        self._saliency: dict[nn.Parameter, list[tuple[torch.Tensor, int, int]]] = {}
 
     # -- saliency tap -------------------------------------------------------------------------------
-    def track_saliency(self, targets: dict[nn.Parameter, tuple[torch.Tensor, int, int]]) -> None:
-        """Accumulate ``Σ_group |w ⊙ g|`` into ``out`` for each ``param → (out, dim, group_size)`` every step."""
-        for p, (out, dim, group_size) in targets.items():
-            if p.shape[dim] != out.numel() * group_size:
-                raise ValueError(
-                    f"saliency target of a param shaped {tuple(p.shape)} has {out.numel()} groups of "
-                    f"{group_size} along dim {dim}; re-register targets after every prune"
-                )
-        self._saliency = dict(targets)
+    def track_saliency(self, targets: dict[nn.Parameter, list[tuple[torch.Tensor, int, int]]]) -> None:
+        """Accumulate ``Σ_group |w ⊙ g|`` into ``out`` for each ``param → [(out, dim, group_size), ...]`` every
+        step."""
+        for p, entries in targets.items():
+            for out, dim, group_size in entries:
+                if p.shape[dim] != out.numel() * group_size:
+                    raise ValueError(
+                        f"saliency target of a param shaped {tuple(p.shape)} has {out.numel()} groups of "
+                        f"{group_size} along dim {dim}; re-register targets after every prune"
+                    )
+        self._saliency = {p: list(entries) for p, entries in targets.items()}
 
     def clear_saliency(self) -> None:
         """Stop accumulating saliency."""
@@ -109,8 +112,10 @@ class AdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def _accumulate_saliency(self) -> None:
-        for p, (out, dim, group_size) in self._saliency.items():
-            if p.grad is not None:  # biases (1-D) take the same kernel path as importance.py gives them
+        for p, entries in self._saliency.items():
+            if p.grad is None:
+                continue
+            for out, dim, group_size in entries:  # biases (1-D) take the same kernel path as importance.py's
                 group_saliency(p.detach(), p.grad, dim, group_size=group_size, metric="taylor", out=out)
 
     # -- step -----------------------------------------------------------------------------------------

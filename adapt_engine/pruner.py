@@ -203,8 +203,11 @@ class AdaptPruner:
         return scores
 
     def step(self, target_params: int, optimizer=None, group_scores: GroupScores | None = None,
-             progress: Callable[[int], None] | None = None) -> dict:
-        """One sub-step: score, allocate per-layer widths for ``target_params`` total, cut. Returns a record."""
+             progress: Callable[[int], None] | None = None, max_groups: int | None = None) -> dict:
+        """One sub-step: score, allocate per-layer widths for ``target_params`` total, cut. Returns a record.
+        ``max_groups`` (``--allocation global`` only) stops the cut after that many groups, short of the target."""
+        if max_groups is not None and self.settings.allocation != "global":
+            raise ValueError("max_groups counts the groups of one global ranking; it needs allocation='global'")
         t0 = time.perf_counter()
         s = self.settings
         if s.calib_resample and self.history:
@@ -224,7 +227,7 @@ class AdaptPruner:
         else:
             raw, scores, loss = self._scores(progress, observers)
         if s.allocation == "global":
-            return self._global_step(target_params, scores, stats, optimizer, loss, t0)
+            return self._global_step(target_params, scores, stats, optimizer, loss, t0, max_groups)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             raw = raw.to(next(self.model.parameters()).device, torch.float64)
             torch.distributed.all_reduce(raw)
@@ -298,12 +301,12 @@ class AdaptPruner:
         return (self.original_prunable - target_prunable) / self.included_prunable
 
     def _global_step(self, target_params: int, scores: GroupScores, stats: InputStatistics | None, optimizer,
-                     loss: float | None, t0: float) -> dict:
+                     loss: float | None, t0: float, max_groups: int | None = None) -> dict:
         """A sub-step of ``--allocation global``: one ranking of heads, MLP channels and stem channels."""
         s = self.settings
         before = count_params(self.model)
         plan: GlobalPlan = plan_global(self.adapter, scores, target_params, s.group_types, s.ladder,
-                                       s.uniform_shape, SizeModel(self.adapter))
+                                       s.uniform_shape, SizeModel(self.adapter), max_groups)
         self._cut(plan.layers, stats, optimizer)  # compensation refits o/down columns before their rows shrink
         if plan.stem_keep is not None:
             prune_stem(self.adapter, plan.stem_keep, optimizer)

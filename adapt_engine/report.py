@@ -117,6 +117,12 @@ def _summary_lines(r: dict) -> list[str]:
         lines.append(f"removal order  {_order_text(order)}")
     if "optimizer_steps" in r:
         lines.append(f"training       {r['tokens_used']:,} tokens in {r['optimizer_steps']} optimizer steps")
+    slices = r.get("slices")
+    if slices:  # accel --prune-every
+        last = slices[-1]
+        lines.append(f"slices         {len(slices)} (after steps {slices[0]['global_step']}..{last['global_step']}, "
+                     f"{sum(x['groups'] for x in slices):,} groups); the last removed {last['groups']:,}"
+                     + (" to land on the target (the schedule had not reached it)" if last["forced"] else ""))
     peak = r.get("peak_rss_mb")
     lines.append(f"wall time      {r['wall_seconds']:.1f} s" + (f"  (peak RSS {peak:,.0f} MB)" if peak else ""))
     if r.get("round_to", 1) > 1:
@@ -219,7 +225,7 @@ def _plot_removal_by_type(ax, history: list[dict], hidden_before: int | None) ->
         values = [rec.get("removed_params", {}).get(kind, 0) / 1e6 for rec in history]
         ax.bar(steps, values, bottom=bottom, color=color, label=kind)
         bottom = [b + v for b, v in zip(bottom, values)]
-    ax.set_xlabel("pruning sub-step")
+    ax.set_xlabel("pruning sub-step (accel --prune-every: slice)")
     ax.set_ylabel("parameters removed (M)")
     ax.legend(loc="upper left")
     hidden = [rec.get("hidden_size") for rec in history]
@@ -240,7 +246,7 @@ def plot_progress(records: list[dict], path: Path) -> Path:
     evals = [r for r in records if r["event"] == "eval" and r.get("ppl") is not None]
     # Parameter count as a staircase: the original size, then the size after each prune.
     sizes = [(0, r["params"]) for r in records if r["event"] == "eval" and r["phase"] == -1]
-    sizes += [(r["tokens"], r["params"]) for r in records if r["event"] == "prune"]
+    sizes += [(r["tokens"], r["params"]) for r in records if r["event"] in ("prune", "slice")]
     if steps:
         sizes.append((steps[-1]["tokens"], steps[-1]["params"]))
     fig, (ax1, ax3) = plt.subplots(2, 1, figsize=(10, 8), sharex=True)

@@ -62,7 +62,7 @@ def test_adamw_step(benchmark, bench_record, bench_lookup, params, impl):
     ps = [p for p, _, _ in params]
     opt = _optimizer(impl, ps)
     if impl == "ours+saliency":
-        opt.track_saliency({p: (torch.zeros(p.shape[dim] // gs), dim, gs) for p, dim, gs in params if dim >= 0})
+        opt.track_saliency({p: [(torch.zeros(p.shape[dim] // gs), dim, gs)] for p, dim, gs in params if dim >= 0})
     opt.step()  # creates the state (not timed)
     numel = sum(p.numel() for p in ps)
     nbytes = 7 * 4 * numel

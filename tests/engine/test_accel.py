@@ -192,20 +192,41 @@ def distill_reference(model_dir, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("checkpoint_every,stop", [(0, 4), (2, 5)])
-def test_resume_after_interrupt_matches_uninterrupted(model_dir, tmp_path, reference, checkpoint_every, stop):
-    """(0, 4): resumes at the phase-2/3 boundary (re-prunes from the saved scores); (2, 5): mid-phase."""
-    cfg = _cfg(model_dir, tmp_path / "cut", checkpoint_every=checkpoint_every, **REF)
+# --prune-every: one training stage of 6 steps, slices of the global ranking (stem channels included, scored by
+# the training tap) after steps 2 and 4; the slice after step 4 is the last with training after it and closes.
+SLICES = dict(REF, interleaves=AccelConfig.interleaves, prune_steps=None, allocation="global",
+              groups="heads,mlp,stem", prune_every=2, slice_groups=10)
+
+
+@pytest.fixture(scope="module")
+def slices_reference(model_dir, tmp_path_factory):
+    """An uninterrupted --prune-every run."""
+    return run(_cfg(model_dir, tmp_path_factory.mktemp("reference-slices") / "out", **SLICES))
+
+
+@pytest.mark.parametrize("checkpoint_every,stop,mode", [(0, 4, "phases"), (2, 5, "phases"), (1, 3, "slices"),
+                                                        (2, 3, "slices"), (2, 5, "slices")])
+def test_resume_after_interrupt_matches_uninterrupted(model_dir, tmp_path, reference, slices_reference,
+                                                      checkpoint_every, stop, mode):
+    """(0, 4): resumes at the phase-2/3 boundary (re-prunes from the saved scores); (2, 5): mid-phase. --prune-every:
+    (1, 3) resumes between slices with the tap's scores (stem too) half accumulated; (2, 3) from the checkpoint
+    taken right after the first slice (which must not run again); (2, 5) after the pruning period."""
+    kw, expected = (REF, reference) if mode == "phases" else (SLICES, slices_reference)
+    cfg = _cfg(model_dir, tmp_path / "cut", checkpoint_every=checkpoint_every, **kw)
     with pytest.raises(Interrupt):
         run(cfg, on_step=_interrupt_at(stop))
     assert latest_checkpoint(cfg.run_dir() / "checkpoints") is not None
     with pytest.raises(FileExistsError, match="--resume"):
         run(cfg)
-    resumed = run(_cfg(model_dir, tmp_path / "cut", checkpoint_every=checkpoint_every, resume=True, **REF))
-    _assert_same_weights(reference.model, resumed.model)
-    assert [p["ppl"] for p in resumed.report["phases"]] == [p["ppl"] for p in reference.report["phases"]]
+    resumed = run(_cfg(model_dir, tmp_path / "cut", checkpoint_every=checkpoint_every, resume=True, **kw))
+    _assert_same_weights(expected.model, resumed.model)
+    assert [p["ppl"] for p in resumed.report["phases"]] == [p["ppl"] for p in expected.report["phases"]]
     lines = (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()
     assert sum(json.loads(x)["event"] == "step" for x in lines) == 6  # replayed steps are not logged twice
+    if mode == "slices":
+        assert [s["global_step"] for s in expected.report["slices"]] == [2, 4]
+        assert resumed.report["slices"] == expected.report["slices"]
+        assert [json.loads(x)["global_step"] for x in lines if json.loads(x)["event"] == "slice"] == [2, 4]
 
 
 @pytest.mark.parametrize("mode", ["none", "progressive"])
@@ -395,10 +416,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_single_process(model_dir, tmp_path, reference, distill_reference):
+def test_two_processes_match_single_process(model_dir, tmp_path, reference, distill_reference, slices_reference):
     """The same global batch on 2 gloo ranks, with DDP, with FSDP2 (which also checkpoints mid-phase, gathering
-    its shards back) and with DDP under --distill progressive (each rank loads the teachers rank 0 snapshots):
-    the ranks end bitwise identical, and equal to one process up to the order of the gradient reductions."""
+    its shards back), with DDP under --distill progressive (each rank loads the teachers rank 0 snapshots) and with
+    DDP under --prune-every (slices between steps, the session rebuilt after each): the ranks end bitwise
+    identical, and equal to one process up to the order of the gradient reductions."""
     from dataclasses import asdict
 
     # 8 calibration samples in batches of 4: one batch per rank, so the summed saliency is the same sum.
@@ -408,7 +430,8 @@ def test_two_processes_match_single_process(model_dir, tmp_path, reference, dist
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     progressive = _cfg(model_dir, tmp_path / "progressive", **REF, **distill_settings("progressive"))
-    plan = json.dumps([(asdict(c), _free_port()) for c in (ddp, fsdp, progressive)])
+    slices = _cfg(model_dir, tmp_path / "slices", **SLICES)
+    plan = json.dumps([(asdict(c), _free_port()) for c in (ddp, fsdp, progressive, slices)])
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
@@ -419,8 +442,8 @@ def test_two_processes_match_single_process(model_dir, tmp_path, reference, dist
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
     fsdp_reference = run(_cfg(model_dir, tmp_path / "single", micro_batch=2))
     singles = [reference.model.state_dict(), fsdp_reference.model.state_dict(),
-               distill_reference("progressive").model.state_dict()]
-    for i, (mode, single) in enumerate(zip(("ddp", "fsdp", "progressive"), singles)):
+               distill_reference("progressive").model.state_dict(), slices_reference.model.state_dict()]
+    for i, (mode, single) in enumerate(zip(("ddp", "fsdp", "progressive", "slices"), singles)):
         r0 = torch.load(tmp_path / f"run{i}-rank0.pt")
         r1 = torch.load(tmp_path / f"run{i}-rank1.pt")
         assert r0.keys() == r1.keys() == single.keys()

@@ -25,11 +25,12 @@ DEPLOY = {"--deploy-target", "--kv-merge"}
 ADAPRUNER = {"--layers", "--aggregate", "--mix-alpha", "--mix-scale"}
 DISTILL = {"--distill", "--kd-temperature", "--kd-layer-weight", "--ce-weight", "--teacher-dtype", "--distill-gap",
            "--snapshot-interval", "--distill-final-tokens"}
-# Issue 15 (EfficientLLM mode): group types, one global ranking, standard shapes.
+# Issue 15 (EfficientLLM mode): group types, one global ranking, standard shapes; accel's pruning inside training.
 STEM = {"--groups", "--uniform-shape"}
+SLICES = {"--prune-every", "--slice-groups"}
 ADDED = {"prune": CALIB | QUALITY | DEPLOY | ADAPRUNER | STEM | {"--offload", "--calib-indices", "--from-search"},
          "eval": set(), "bench": {"--engine", "--concurrency"},
-         "accel": {"--no-bench"} | CALIB | DEPLOY | ADAPRUNER | DISTILL | STEM}
+         "accel": {"--no-bench"} | CALIB | DEPLOY | ADAPRUNER | DISTILL | STEM | SLICES}
 # Choices added to existing flags since the fixture (appended, so the old ones keep their order): issue 17's blend,
 # issue 15's global ranking.
 ADDED_CHOICES = {"--importance": ["mix"], "--allocation": ["global"]}

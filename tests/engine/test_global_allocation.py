@@ -78,6 +78,27 @@ def test_cheapest_per_parameter_goes_first():
     assert plan.removal_order[0][0] == "heads"
 
 
+def test_max_groups_stops_a_slice_short_of_the_target():
+    """accel --prune-every: one slice takes the max_groups cheapest candidates of the same ranking, in order."""
+    model = make_tiny_model("mistral")
+    adapter = DecoderAdapter(model)
+    scores = GroupScores.zeros(adapter, stem=True)
+    gen = torch.Generator().manual_seed(0)
+    for t in scores.all_tensors():
+        t.copy_(torch.rand(t.shape, generator=gen))
+    target = count_params(model) // 2
+    whole = plan_global(adapter, scores, target, ("heads", "mlp", "stem"), "query", False)
+    part = plan_global(adapter, scores, target, ("heads", "mlp", "stem"), "query", False, max_groups=7)
+    assert sum(n for _, n in part.removal_order) == 7 and part.params > whole.params >= target
+
+    def first(order, n):  # the first n removals of a removal order, as a flat list of types
+        return [kind for kind, count in order for _ in range(count)][:n]
+
+    assert first(part.removal_order, 7) == first(whole.removal_order, 7)
+    many = plan_global(adapter, scores, target, ("heads", "mlp", "stem"), "query", False, max_groups=10**6)
+    assert many.params == whole.params and many.removal_order == whole.removal_order
+
+
 def test_uniform_shape_keeps_every_layer_alike():
     model = make_tiny_model("qwen2")
     pruner = AdaptPruner(model, _settings(groups="heads,mlp,stem", uniform_shape=True, steps=3), _calib())

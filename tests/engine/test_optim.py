@@ -12,7 +12,7 @@ from adapt_engine.kernels.dispatch import triton_available
 from tiny_models import make_tiny_model
 
 from adapt_engine.adapters import DecoderAdapter
-from adapt_engine.groups import GroupScores, LayerKeep, group_members, head_rows
+from adapt_engine.groups import GroupScores, LayerKeep, group_members, head_rows, tap_targets
 from adapt_engine.optim import AdamW, build_optimizer, param_groups, resolve_backend
 from adapt_engine.surgery import apply_plan
 
@@ -142,7 +142,7 @@ def test_saliency_tap_accumulates_taylor_scores_of_training_gradients(backend):
     opt = build_optimizer(model, lr=1e-3, backend=backend)
     scores = GroupScores.zeros(adapter)
     members = group_members(adapter)
-    opt.track_saliency({p: (scores.bucket(m.layer, m.bucket), m.dim, m.group_size) for p, m in members.items()})
+    opt.track_saliency({p: [(scores.bucket(m.layer, m.bucket), m.dim, m.group_size)] for p, m in members.items()})
     expected = GroupScores.zeros(adapter)
     model.train()
     for s in range(2):
@@ -162,12 +162,53 @@ def test_saliency_tap_accumulates_taylor_scores_of_training_gradients(backend):
     assert all(torch.equal(a, b) for a, b in zip(scores.all_tensors(), snapshot))
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral"])  # tied / untied LM head
+def test_saliency_tap_scores_stem_channels_as_grad_times_weight(family):
+    """Hidden channel c's train-tap score is Σ|w ⊙ g| over its embedding column (and untied LM head column), input
+    column c of q/k/v/gate/up, output row c of o/down and element c of every hidden-size norm, written out by hand;
+    the head and MLP scores of the same projection weights are unchanged by the second target."""
+    model = make_tiny_model(family)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    assert tied == (family == "llama")
+    adapter = DecoderAdapter(model)
+    opt = build_optimizer(model, lr=1e-3)
+    scores = GroupScores.zeros(adapter, stem=True)
+    opt.track_saliency(tap_targets(adapter, scores))
+    alone = GroupScores.zeros(adapter)
+    expected = torch.zeros(adapter.hidden_size, dtype=torch.float64)
+    model.train()
+    for s in range(2):
+        ids = _batch(s)
+        model(input_ids=ids, labels=ids).loss.backward()
+        ws = lambda t: (t.detach() * t.grad).abs().double()  # noqa: E731 (before this step's update)
+        expected += ws(model.model.embed_tokens.weight).sum(0)
+        if not tied:
+            expected += ws(model.lm_head.weight).sum(0)
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+                expected += ws(lin.weight).sum(0)
+            for lin in (a.o_proj, m.down_proj):
+                expected += ws(lin.weight).sum(1)
+            expected += ws(layer.input_layernorm.weight) + ws(layer.post_attention_layernorm.weight)
+        expected += ws(model.model.norm.weight)
+        for p, m in group_members(adapter).items():
+            group_saliency_reference(p.detach(), p.grad, m.dim, group_size=m.group_size, metric="taylor",
+                                     out=alone.bucket(m.layer, m.bucket))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert scores.stem.abs().sum() > 0
+    torch.testing.assert_close(scores.stem.double(), expected, rtol=1e-5, atol=1e-7)
+    for a, b in zip(scores.all_tensors()[:-1], alone.all_tensors()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_saliency_targets_must_match_current_shapes():
     model = make_tiny_model("llama", True)
     opt = build_optimizer(model, lr=1e-3)
     q = model.model.layers[0].self_attn.q_proj.weight
     with pytest.raises(ValueError, match="re-register"):
-        opt.track_saliency({q: (torch.zeros(5), 0, 8)})
+        opt.track_saliency({q: [(torch.zeros(5), 0, 8)]})
 
 
 def test_backend_resolution_and_errors(monkeypatch):
