@@ -38,8 +38,10 @@ stored layer inputs (``layers × calibration tokens × hidden`` in the weights' 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,6 +292,25 @@ def open_streamed(folder: str | Path, dtype: torch.dtype, device: torch.device |
                          head_chunk_bytes)
 
 
+# mallopt's M_MMAP_THRESHOLD: blocks at least this large get their own mapping, unmapped when freed.
+_M_MMAP_THRESHOLD = -3
+_OWN_MAPPING_BYTES = 1 << 20
+
+
+def return_freed_layers_to_the_system() -> None:
+    """Have glibc map every block of 1 MB or more on its own, so a freed layer's memory goes back to the system.
+
+    glibc raises its mmap threshold itself (up to 32 MB) after freeing large blocks, and keeps freed blocks under
+    it in its heaps (one per thread, and the prefetcher is a thread): streaming layer after layer through memory
+    then leaves the process holding several layers' worth it no longer uses (measured on a 1B Llama: 1.27 GB peak
+    RSS with the default, 0.98 GB with this). A no-op outside glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, _OWN_MAPPING_BYTES)
+
+
 class StreamedModel:
     """A skeleton model whose decoder layers are loaded from a :class:`ShardStore` one at a time, and whose large
     ends (embedding, LM head) are read in pieces when they are used."""
@@ -307,6 +328,7 @@ class StreamedModel:
         self.layer_params: list[dict[str, nn.Parameter]] = [{} for _ in self.adapter.layers]
         self.end_params: dict[str, nn.Parameter] = {}
         self.kept: tuple | None = None  # calibration inputs of every layer, for replay()
+        self.rewritten: dict[int, Path] = {}  # layers cut this run: their file in the scratch folder
         self._prefetcher: LayerPrefetcher | None = None
         for name, p in model.named_parameters():  # a tied parameter once, under the name the shards use
             if name.startswith(LAYER_PREFIX):
@@ -315,6 +337,7 @@ class StreamedModel:
             else:
                 self.end_params[name] = p
         self.embed_name, self.head_name, self.head_rows = self._plan_ends(head_chunk_bytes)
+        return_freed_layers_to_the_system()
         self._load({name: p for name, p in self.end_params.items() if name not in (self.embed_name, self.head_name)})
 
     def _plan_ends(self, head_chunk_bytes: int) -> tuple[str | None, str | None, int]:
@@ -440,6 +463,7 @@ class StreamedModel:
         write_safetensors(tmp, {name: p.data for name, p in params.items()})
         tmp.replace(path)  # scratch of this run only: a rename is enough, no fsync
         self.store.files.update({name: path for name in params})
+        self.rewritten[index] = path
 
     def _end_tensors(self) -> dict[str, torch.Tensor | RowBlocks]:
         """The ends to save: resident ones from memory, the streamed embedding and head block by block."""
@@ -453,19 +477,31 @@ class StreamedModel:
                 out[name] = p.data
         return out
 
+    def _link(self, index: int, target: Path) -> bool:
+        """Hard-link layer ``index``'s scratch shard as ``target``; False when it has none or cannot be linked
+        (another file system, or one without hard links)."""
+        path = self.rewritten.get(index)
+        if path is None:
+            return False
+        try:
+            os.link(path, target)
+        except OSError:  # EXDEV, EPERM, ENOTSUP...: the caller copies the layer instead
+            return False
+        return True
+
     def write_weights(self, folder: Path) -> None:
         """Write every weight to ``folder`` as safetensors shards (one per layer, one for the rest) with an
         index, one layer in memory at a time (the layout transformers reads)."""
         n = len(self.layer_params)
         files = [f"model-{i + 1:05d}-of-{n + 1:05d}.safetensors" for i in range(n + 1)]
-        weight_map: dict[str, str] = {}
+        weight_map = {name: files[i] for i in range(n) for name in self.layer_params[i]}
+        # A layer cut this run is already a shard of the output's format in the scratch folder: it is hard-linked
+        # into the output, neither read nor copied (the scratch copy stays valid until the run removes it).
+        copied = [i for i in range(n) if not self._link(i, folder / files[i])]
         # Layer i+1 is read while layer i is written (host memory: no device involved).
-        with LayerPrefetcher(self._read_layer, range(n), "cpu", self.dtype, self.prefetch) as pf:
-            for i in range(n):
-                tensors = pf.take(i)
-                write_safetensors(folder / files[i], tensors)
-                weight_map.update({name: files[i] for name in tensors})
-                del tensors
+        with LayerPrefetcher(self._read_layer, copied, "cpu", self.dtype, self.prefetch) as pf:
+            for i in copied:
+                write_safetensors(folder / files[i], pf.take(i))
         ends = self._end_tensors()
         write_safetensors(folder / files[n], ends)
         weight_map.update({name: files[n] for name in ends})

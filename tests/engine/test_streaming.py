@@ -429,3 +429,36 @@ def test_a_soft_capped_head_stays_whole(tmp_path):
     assert loss2 == loss
     for a, b in zip(scores.all_tensors(), scores2.all_tensors(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("linkable", [True, False])
+def test_cut_layers_are_linked_into_the_output_not_copied(tmp_path, monkeypatch, linkable):
+    import errno
+    import json
+    import os
+
+    import adapt_engine.streaming as streaming
+
+    if not linkable:  # another file system: the layer is read and written like any other
+        def refuse(src, dst):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(streaming.os, "link", refuse)
+    model, folder = _saved(tmp_path)
+    ids = _calib()
+    settings = PruneSettings(steps=1, calib_batch_size=5, compensate="none", layers="0,2")
+    target = AdaptPruner(model, settings, ids).target_from_sparsity(0.2)
+    streamed = open_streamed(folder, torch.float32)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    AdaptPruner(streamed.model, settings, ids, streamed=streamed, scratch=scratch).prune_to(target)
+    assert sorted(streamed.rewritten) == [0, 2]  # layer 1 is frozen: never cut, read from the dense folder
+    out = save_pruned(streamed.model, None, tmp_path / "out", write_weights=streamed.write_weights)
+    shards = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    for j in (0, 2):
+        assert os.path.samefile(out / shards[f"model.layers.{j}.mlp.up_proj.weight"], streamed.rewritten[j]) == linkable
+    pruner = AdaptPruner(model, settings, ids)
+    pruner.prune_to(target)
+    want = dict(model.named_parameters())
+    for name, p in load_pruned(out).named_parameters():
+        assert torch.equal(p, want[name]), name
