@@ -4,9 +4,9 @@ A streamed pass visits the decoder layers in an order known in advance (forward 
 L-1..0, cut sweep over the layers that lose something). :class:`LayerPrefetcher` hands out the weights of one
 item at a time in that order and, while the caller uses item k, reads item k+1 in a background thread:
 
-- on the CPU the thread copies the item's tensors out of the memory-mapped shards (the page faults, i.e. the
-  disk reads, happen there, overlapping the computation);
-- on a CUDA device it copies them into page-locked (pinned) host buffers, then host → device with
+- on the CPU the thread reads the item's tensors from the shards into host buffers (the disk reads overlap the
+  computation);
+- on a CUDA device it reads them into page-locked (pinned) host buffers, then copies them host → device with
   ``non_blocking=True`` on a dedicated stream, and records an event that the compute stream waits on before
   it uses them.
 
@@ -66,23 +66,23 @@ class _CudaTransfer:
 
 
 def host_copy(t: torch.Tensor, dtype: torch.dtype, pin: bool) -> torch.Tensor:
-    """``t`` (e.g. a view of a memory-mapped shard) read into its own host buffer at ``dtype``, pinned if asked."""
+    """``t`` in its own host buffer at ``dtype``, pinned if asked."""
     out = torch.empty(t.shape, dtype=dtype, pin_memory=pin)
     out.copy_(t)
     return out
 
 
 class LayerPrefetcher:
-    """Hands out ``read(k)`` at ``dtype`` for every k of ``order``, in that order, on ``device``; with
+    """Hands out ``read(k, pin)`` at ``dtype`` for every k of ``order``, in that order, on ``device``; with
     ``prefetch`` the next item is read (and copied to the device) in a background thread while the current one
     is in use.
 
-    ``read(k)`` returns host tensors (views of the memory-mapped shards, in the file's dtype: they are read
-    into private, or pinned, buffers at ``dtype`` here). Use as a context manager; :meth:`take` each item of
-    ``order`` in turn.
+    ``read(k, pin)`` returns host tensors in buffers of their own (pinned when ``pin``), in any floating dtype
+    (those not at ``dtype`` are converted here). Use as a context manager; :meth:`take` each item of ``order``
+    in turn.
     """
 
-    def __init__(self, read: Callable[[int], Tensors], order: Sequence[int], device: torch.device | str,
+    def __init__(self, read: Callable[[int, bool], Tensors], order: Sequence[int], device: torch.device | str,
                  dtype: torch.dtype, prefetch: bool = True):
         self.read = read
         self.order = list(order)
@@ -96,7 +96,9 @@ class LayerPrefetcher:
 
     def _fetch(self, index: int) -> tuple[Tensors, object]:
         """Item ``index`` read into its own (pinned on CUDA) host buffers and moved to the device."""
-        host = {name: host_copy(t, self.dtype, self.transfer.pin) for name, t in self.read(index).items()}
+        pin = self.transfer.pin
+        host = {name: t if t.dtype == self.dtype else host_copy(t, self.dtype, pin)
+                for name, t in self.read(index, pin).items()}
         return self.transfer.to_device(host)
 
     def __enter__(self) -> LayerPrefetcher:

@@ -164,6 +164,62 @@ class ShardStore:
             raise StreamingError(f"{self.folder} lacks weight '{name}'; the save is incomplete")
         return self.files[name]
 
+    def _corrupt(self, f: Path, why: object) -> StreamingError:
+        return StreamingError(f"{f} is corrupt or truncated ({why}); download or save the model again")
+
+    def _locations(self, f: Path, fh) -> tuple[int, dict]:
+        """(offset of the data, the header's tensor entries) of open shard ``f``."""
+        try:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise self._corrupt(f, err) from err
+        return 8 + size, header
+
+    def load(self, names: list[str], pin: bool = False) -> dict[str, torch.Tensor]:
+        """The tensors ``names`` in the file's dtype, each read (plain file reads, no mapping) into a buffer of its
+        own, page-locked when ``pin``."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self._file(name), []).append(name)
+        out = {}
+        for f, group in by_file.items():
+            with open(f, "rb", buffering=0) as fh:
+                start, header = self._locations(f, fh)
+                for name in group:
+                    out[name] = self._read_rows(f, fh, start, header, name, 0, None, pin)
+        return out
+
+    def load_rows(self, name: str, first: int, stop: int, pin: bool = False) -> torch.Tensor:
+        """Rows ``[first, stop)`` of tensor ``name`` in the file's dtype, read into a buffer of their own."""
+        f = self._file(name)
+        with open(f, "rb", buffering=0) as fh:
+            start, header = self._locations(f, fh)
+            return self._read_rows(f, fh, start, header, name, first, stop, pin)
+
+    def _read_rows(self, f: Path, fh, start: int, header: dict, name: str, first: int, stop: int | None,
+                   pin: bool) -> torch.Tensor:
+        entry = header.get(name)
+        if entry is None or entry.get("dtype") not in SAFETENSORS_DTYPES:
+            raise self._corrupt(f, f"no floating-point entry for '{name}'")
+        shape = list(entry["shape"])
+        begin, end = entry["data_offsets"]
+        row = math.prod(shape[1:]) * SAFETENSORS_DTYPES[entry["dtype"]].itemsize
+        if shape:
+            stop = shape[0] if stop is None else min(stop, shape[0])
+            shape[0] = stop - first
+            begin, end = begin + first * row, begin + stop * row
+        out = torch.empty(shape, dtype=SAFETENSORS_DTYPES[entry["dtype"]], pin_memory=pin)
+        buf = memoryview(out.view(torch.uint8).reshape(-1).numpy()) if out.numel() else memoryview(b"")
+        fh.seek(start + begin)
+        done = 0
+        while done < end - begin:  # a read returns at most about 2 GB
+            got = fh.readinto(buf[done:])
+            if not got:
+                raise self._corrupt(f, f"'{name}' ends after {done} of {end - begin} bytes")
+            done += got
+        return out
+
     def views(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The tensors ``names`` in the file's dtype, as views of the memory-mapped shards (each opened once):
         nothing is read until the data is touched."""
@@ -186,16 +242,14 @@ class ShardStore:
         # drop and re-read them, so they cost less resident memory than a copy would.
         return {name: t.to(dtype) for name, t in self.views(names).items()}
 
-    def rows(self, name: str, rows: slice | torch.Tensor) -> torch.Tensor:
-        """Rows of tensor ``name`` (a range, or a 1-D index tensor) in the file's dtype; only they are read."""
+    def gather_rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` (1-D) of tensor ``name`` in the file's dtype; only their pages of the mapping are read."""
         f = self._file(name)
         try:
             with safe_open(str(f), framework="pt") as fh:
-                if isinstance(rows, slice):
-                    return fh.get_slice(name)[rows]  # a view of the mapped file
-                return fh.get_tensor(name)[rows]  # a gathered copy: touches those rows' pages only
+                return fh.get_tensor(name)[index]  # a gathered copy; the mapping goes with the view
         except SafetensorError as err:
-            raise StreamingError(f"{f} is corrupt or truncated ({err}); download or save the model again") from err
+            raise self._corrupt(f, err) from err
 
 
 def _replace_with_placeholders(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
@@ -364,9 +418,10 @@ class StreamedModel:
             self._check_shape(name, tensors[name], p)
             p.data = tensors[name].to(self.device)
 
-    def _read_layer(self, index: int) -> dict[str, torch.Tensor]:
-        """Layer ``index``'s tensors as views of the shards (the prefetcher reads them)."""
-        return self.store.views(list(self.layer_params[index]))
+    def _read_layer(self, index: int, pin: bool) -> dict[str, torch.Tensor]:
+        """Layer ``index``'s tensors read from the shards (the prefetcher's reader)."""
+        # File reads, not the mapping: mapped pages would count in memory beside the copy until the layer is done.
+        return self.store.load(list(self.layer_params[index]), pin)
 
     @contextlib.contextmanager
     def prefetching(self, order: Sequence[int]) -> Iterator[None]:
@@ -414,7 +469,7 @@ class StreamedModel:
         used, local = torch.unique(flat.cpu(), return_inverse=True)
         embed = self.model.get_input_embeddings()
         p = embed.weight
-        table = self.store.rows(self.embed_name, used)
+        table = self.store.gather_rows(self.embed_name, used)
         padding, shape = embed.padding_idx, p.shape
         p.data = table.to(self.device, self.dtype)
         # The padding row only stops gradients (none flow here) and may lie outside the smaller table.
@@ -431,8 +486,8 @@ class StreamedModel:
         vocab = self.end_params[self.head_name].shape[0]
         starts = list(range(0, vocab, self.head_rows))
 
-        def read(k: int) -> dict[str, torch.Tensor]:
-            return {"rows": self.store.rows(self.head_name, slice(starts[k], starts[k] + self.head_rows))}
+        def read(k: int, pin: bool) -> dict[str, torch.Tensor]:
+            return {"rows": self.store.load_rows(self.head_name, starts[k], starts[k] + self.head_rows, pin)}
 
         with LayerPrefetcher(read, range(len(starts)), self.device, self.dtype, self.prefetch) as pf:
             for k in range(len(starts)):
@@ -472,7 +527,7 @@ class StreamedModel:
             if name in (self.embed_name, self.head_name):
                 rows = max(1, HEAD_CHUNK_BYTES // max(1, math.prod(p.shape[1:]) * self.dtype.itemsize))
                 out[name] = RowBlocks(tuple(p.shape), self.dtype,
-                                      lambda a, b, name=name: self.store.rows(name, slice(a, b)).to(self.dtype), rows)
+                                      lambda a, b, name=name: self.store.load_rows(name, a, b).to(self.dtype), rows)
             else:
                 out[name] = p.data
         return out

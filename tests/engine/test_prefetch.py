@@ -12,7 +12,7 @@ from adapt_engine.prefetch import LayerPrefetcher
 
 
 def _reader(log: list):
-    def read(k: int) -> dict[str, torch.Tensor]:
+    def read(k: int, pin: bool) -> dict[str, torch.Tensor]:
         log.append((k, threading.current_thread().name))
         return {"w": torch.full((3, 2), float(k), dtype=torch.bfloat16).t()}  # a non-contiguous view, as mmap gives
 
@@ -57,7 +57,7 @@ def test_out_of_order_take_is_refused():
 
 @pytest.mark.parametrize("prefetch", [True, False])
 def test_an_error_in_the_reader_surfaces_at_take(prefetch):
-    def read(k: int) -> dict[str, torch.Tensor]:
+    def read(k: int, pin: bool) -> dict[str, torch.Tensor]:
         if k == 1:
             raise OSError("shard unreadable")
         return {"w": torch.zeros(2)}
@@ -72,7 +72,7 @@ def test_an_error_in_the_reader_surfaces_at_take(prefetch):
 def test_leaving_early_waits_for_the_read_under_way():
     release = threading.Event()
 
-    def read(k: int) -> dict[str, torch.Tensor]:
+    def read(k: int, pin: bool) -> dict[str, torch.Tensor]:
         if k == 1:
             release.wait(10)
         return {"w": torch.zeros(2)}

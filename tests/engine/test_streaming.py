@@ -194,10 +194,18 @@ def test_safetensors_written_from_memory_round_trip(tmp_path):
     theirs = load_file(str(tmp_path / "model.safetensors"))  # the reference reader accepts our files
     for k, v in tensors.items():
         assert torch.equal(theirs[k], v) and theirs[k].dtype == v.dtype
+    store = ShardStore(tmp_path)  # our plain-read loader reads them too, whole or by rows, in the file's dtype
+    loaded = store.load(list(tensors))
+    for k, v in tensors.items():
+        assert torch.equal(loaded[k], v) and loaded[k].dtype == v.dtype and loaded[k].is_contiguous()
+    assert torch.equal(store.load_rows("d", 2, 4), tensors["d"][2:4]) and store.load_rows("a", 1, 9).shape == (2, 5)
+    assert torch.equal(store.gather_rows("b", torch.tensor([6, 0])), tensors["b"][[6, 0]])
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[:-8])
     with pytest.raises(StreamingError, match="corrupt or truncated"):
         ShardStore(tmp_path).read(list(tensors), torch.float32)
+    with pytest.raises(StreamingError, match="corrupt or truncated.*'e' ends after"):
+        store.load(list(tensors))  # a store opened before the file was cut short
 
 
 def test_offload_auto_streams_only_folders_that_would_crowd_memory(tmp_path, monkeypatch):
@@ -274,7 +282,7 @@ def test_layers_are_read_in_the_order_each_sweep_uses(tmp_path):
     streamed = open_streamed(folder, torch.float32)
     reads: list[int] = []
     read_layer = streamed._read_layer
-    streamed._read_layer = lambda j: reads.append(j) or read_layer(j)
+    streamed._read_layer = lambda j, pin: reads.append(j) or read_layer(j, pin)
     streamed_calibration_pass(streamed, ids, CalibPass(4, "cosine", "taylor", micro_batch_size=3))
     assert reads == [0, 1, 2, 2, 1, 0]  # forward sweep, then backward sweep
     reads.clear()
@@ -337,10 +345,10 @@ def test_an_error_reading_a_layer_surfaces(tmp_path):
     streamed = open_streamed(folder, torch.float32)
     read_layer = streamed._read_layer
 
-    def broken(j: int):
+    def broken(j: int, pin: bool):
         if j == 1:
             raise OSError("input/output error reading layer 1")
-        return read_layer(j)
+        return read_layer(j, pin)
 
     streamed._read_layer = broken
     with pytest.raises(OSError, match="reading layer 1"):
