@@ -351,10 +351,11 @@ class PruneRunSettings(CommandSettings):
     overwrite: bool = setting(False, math=False, help="replace a non-empty --output folder")
     no_bench: bool = setting(False, math=False, help="skip the short latency bench at the end")
     offload: str = setting("auto", choices=OFFLOAD_MODES, math=False,
-                           help="layer: one decoder layer in memory at a time, read from the model folder's "
-                           "safetensors shards (models larger than memory; the same result, no end-of-run bench); "
+                           help="layer: one decoder layer in memory at a time (the next one read while it "
+                           "computes), read from the model folder's safetensors shards, on the CPU or streamed to "
+                           "--device's GPU (models larger than memory; the same result, no end-of-run bench); "
                            "none: the whole model in memory; auto (default): layer when the model would take more "
-                           "than half of the available memory")
+                           "than half of the available memory (the GPU's free memory on a GPU)")
 
     def validate(self) -> None:
         """UsageError for settings that cannot work together, before anything is loaded."""

@@ -51,13 +51,11 @@ def _load_for_pruning(cfg: PruneRunSettings, offload: str, device: torch.device)
     if offload == "none":
         model, tokenizer = load_model(cfg.model, device=str(device), dtype=cfg.dtype)
         return model, tokenizer, None
-    if device.type != "cpu":
-        raise StreamingError("--offload layer runs on the CPU here; use --device cpu (or --offload none)")
     if cfg.model is None:
         raise StreamingError("--offload layer reads a model folder with safetensors shards; pass --model DIR "
                              "(the built-in default is a .gguf file and loads whole: use --offload none)")
     folder = Path(cfg.model).expanduser()
-    streamed = open_streamed(folder, parse_dtype(cfg.dtype))  # refuses anything but a folder, naming it
+    streamed = open_streamed(folder, parse_dtype(cfg.dtype), device)  # refuses anything but a folder, naming it
     return streamed.model, folder_tokenizer(folder), streamed
 
 
@@ -113,7 +111,7 @@ def run_prune(cfg: PruneRunSettings) -> RunReport:
 
 
 def _run_prune(cfg: PruneRunSettings, d: Dist, t_start: float) -> RunReport:
-    offload = resolve_offload(cfg.offload, cfg.model, cfg.dtype)
+    offload = resolve_offload(cfg.offload, cfg.model, cfg.dtype, d.device)
     if d.main:
         print(f"loading model {cfg.loading.model_name}"
               f"{' (streamed: one layer at a time)' if offload == 'layer' else ''}"

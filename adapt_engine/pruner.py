@@ -163,7 +163,7 @@ class AdaptPruner:
         """Whether every layer's compensation statistics together take under a quarter of the available memory
         (then a streamed prune gathers them in its forward sweep instead of replaying each layer's forward)."""
         need = statistics_bytes(self.adapter, self.settings.compensate)
-        free = available_memory_bytes()
+        free = available_memory_bytes(self.streamed.device)
         return free is not None and need < free / 4
 
     def _cut(self, plan: list[LayerKeep], stats: InputStatistics | None, optimizer) -> None:
@@ -177,20 +177,21 @@ class AdaptPruner:
             return
         if stats is not None:  # gathered in the forward sweep (they fit in memory)
             stats.reduce_across_ranks()
-        for j, keep in enumerate(plan):
-            if keep.removes_nothing():
-                continue
-            with self.streamed.resident(j):
-                if s.compensate != "none":
-                    layer_stats = stats
-                    if layer_stats is None:  # one layer's statistics at a time: replay its calibration forward
-                        layer_stats = InputStatistics(self.adapter, s.compensate)
-                        with layer_stats.attached([j]):
-                            self.streamed.replay(j)
-                        layer_stats.reduce_across_ranks()
-                    compensate_layer(self.adapter, j, keep, layer_stats, s.compensate_damp, s.mlp_select)
-                prune_layer(self.adapter, j, keep)
-                self.streamed.rewrite(j, self.scratch)
+        cut = [j for j, keep in enumerate(plan) if not keep.removes_nothing()]
+        with self.streamed.prefetching(cut):  # the next layer to cut is read while this one is cut
+            for j in cut:
+                keep = plan[j]
+                with self.streamed.resident(j):
+                    if s.compensate != "none":
+                        layer_stats = stats
+                        if layer_stats is None:  # one layer's statistics at a time: replay its calibration forward
+                            layer_stats = InputStatistics(self.adapter, s.compensate)
+                            with layer_stats.attached([j]):
+                                self.streamed.replay(j)
+                            layer_stats.reduce_across_ranks()
+                        compensate_layer(self.adapter, j, keep, layer_stats, s.compensate_damp, s.mlp_select)
+                    prune_layer(self.adapter, j, keep)
+                    self.streamed.rewrite(j, self.scratch)
         self.streamed.forget_inputs()
         self.adapter.record_shapes()
 

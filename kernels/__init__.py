@@ -9,7 +9,11 @@ from .adamw import AdamWHyper, AdamWTensors, adamw_step_reference
 from .cpu_extension import CppBuildError
 from .dispatch import adamw_step, backend_for, gather_channels, group_saliency, linear_cross_entropy
 from .gather import gather_channels_reference
-from .linear_ce import linear_cross_entropy_reference, linear_cross_entropy_torch
+from .linear_ce import (
+    linear_cross_entropy_reference,
+    linear_cross_entropy_torch,
+    linear_cross_entropy_vocab_chunks,
+)
 from .saliency import finalize_saliency, group_saliency_reference
 
 __all__ = [
@@ -27,4 +31,5 @@ __all__ = [
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
     "linear_cross_entropy_torch",
+    "linear_cross_entropy_vocab_chunks",
 ]

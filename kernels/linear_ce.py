@@ -28,7 +28,7 @@ for CUDA in ``linear_ce_triton.py``; the public entry point in ``dispatch.py`` p
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -243,3 +243,76 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, t
     logits = F.linear(hidden.reshape(-1, hidden.shape[-1]).double(), weight.double())
     loss = F.cross_entropy(logits, targets.reshape(-1), ignore_index=ignore_index, reduction=reduction)
     return loss.view(hidden.shape[:-1]) if reduction == "none" else loss
+
+
+@torch.no_grad()
+def linear_cross_entropy_vocab_chunks(hidden: torch.Tensor, weight_chunks: Iterable[torch.Tensor],
+                                      targets: torch.Tensor, scale: torch.Tensor | None = None, *,
+                                      ignore_index: int = -100, chunk: int | None = None,
+                                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token ``F.cross_entropy(hidden @ W.T, targets, reduction="none")`` with the head ``W`` given as its
+    consecutive row blocks (vocabulary chunks), each used once and then dropped, so ``W`` is never whole.
+
+    ``hidden`` is (N, H), ``targets`` (N,). With ``scale`` (N,: d total / d token loss) it also returns the
+    gradient of the total with respect to ``hidden``; the head is frozen (no weight gradient). One pass over
+    the vocabulary: the log-sum-exp and the softmax-weighted sum of head rows are accumulated online, rescaled
+    whenever a row's running maximum grows. Logits are computed in the inputs' dtype and reduced in float32
+    (float64 for float64), as :func:`fused_pass`; under ``torch.autocast`` both inputs are cast first, like
+    ``nn.Linear``. Summation order over the vocabulary differs from the whole-head kernel, so results agree
+    with it to rounding (float32: about 1e-6 relative), not bit for bit.
+    """
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"linear_cross_entropy_vocab_chunks: hidden must be (N, H) and targets (N,), got "
+                         f"{tuple(hidden.shape)} and {tuple(targets.shape)}")
+    out_dtype = hidden.dtype
+    cast = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
+    h = hidden.to(cast) if cast is not None else hidden
+    n, acc = h.shape[0], _acc_dtype(h.dtype)
+    valid = targets != ignore_index
+    run_max = torch.full((n,), float("-inf"), dtype=acc, device=h.device)
+    run_sum = torch.zeros(n, dtype=acc, device=h.device)
+    target_logit = torch.zeros(n, dtype=acc, device=h.device)
+    want_grad = scale is not None
+    weighted = torch.zeros(h.shape, dtype=acc, device=h.device) if want_grad else None  # Σ exp(l − max)·W_v
+    target_row = torch.zeros(h.shape, dtype=acc, device=h.device) if want_grad else None  # W[target]
+    v0 = 0
+    chunks = iter(weight_chunks)
+    try:
+        for w in chunks:
+            w = w.to(cast) if cast is not None else w
+            if w.dim() != 2 or w.shape[1] != h.shape[1] or w.dtype != h.dtype:
+                raise ValueError(f"linear_cross_entropy_vocab_chunks: a head chunk is {tuple(w.shape)} {w.dtype}; "
+                                 f"it must be (rows, {h.shape[1]}) {h.dtype}")
+            v1 = v0 + w.shape[0]
+            here = valid & (targets >= v0) & (targets < v1)
+            local = torch.where(here, targets - v0, 0)
+            rows = chunk_rows(chunk, w.shape[0])
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                logits = torch.mm(h[r0:r1], w.t()).to(acc)
+                sel = here[r0:r1]
+                target_logit[r0:r1] += torch.where(sel, logits.gather(1, local[r0:r1, None]).squeeze(1), 0.0)
+                new_max = torch.maximum(run_max[r0:r1], logits.max(dim=1).values)
+                decay = torch.exp(run_max[r0:r1] - new_max)  # 0 on the first chunk (max was −inf)
+                probs = logits.sub_(new_max[:, None]).exp_()
+                run_sum[r0:r1] = run_sum[r0:r1] * decay + probs.sum(dim=1)
+                run_max[r0:r1] = new_max
+                if want_grad:
+                    weighted[r0:r1].mul_(decay[:, None]).add_(torch.mm(probs.to(w.dtype), w).to(acc))
+            if want_grad and bool(here.any()):
+                target_row[here] = w[local[here]].to(acc)
+            v0 = v1
+    finally:
+        close = getattr(chunks, "close", None)  # a generator reading the chunks releases its reader now
+        if close is not None:
+            close()
+    bad = valid & ((targets < 0) | (targets >= v0))
+    if bool(bad.any()):
+        raise ValueError(f"linear_cross_entropy_vocab_chunks: target {int(targets[bad][0])} is outside the "
+                         f"vocabulary [0, {v0}) and is not ignore_index={ignore_index}")
+    loss = torch.where(valid, run_max + torch.log(run_sum) - target_logit, 0.0)
+    grad = None
+    if want_grad:
+        factor = torch.where(valid, scale.to(acc), 0.0)[:, None]
+        grad = ((weighted / run_sum[:, None] - target_row) * factor).to(out_dtype)
+    return loss, grad

@@ -182,3 +182,58 @@ def test_bad_reduction_and_chunk():
         linear_cross_entropy(h, w, t, reduction="avg")
     with pytest.raises(ValueError, match="chunk"):
         linear_cross_entropy(h, w, t, chunk=0)
+
+
+# -- the head in vocabulary chunks (streamed pruning's loss: linear_cross_entropy_vocab_chunks) --------------------
+def _vocab_chunks_case(dtype, seed=0, n=29, vocab=211, hidden=24):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, hidden, generator=g).to(dtype)
+    w = (torch.randn(vocab, hidden, generator=g) * 2).to(dtype)
+    t = torch.randint(0, vocab, (n,), generator=g)
+    t[[2, 7]] = -100
+    return h, w, t
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("rows", [1, 50, 211, 500])
+def test_vocab_chunks_match_the_whole_head(dtype, tol, rows):
+    from adapt_engine.kernels import linear_cross_entropy_vocab_chunks
+
+    h, w, t = _vocab_chunks_case(dtype)
+    scale = torch.rand(t.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    loss, grad = linear_cross_entropy_vocab_chunks(h, w.split(rows), t, scale, chunk=7)
+    leaf = h.double().requires_grad_(True)
+    want = linear_cross_entropy_reference(leaf, w.double(), t, reduction="none")
+    (want * scale).sum().backward()
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and grad.dtype == dtype
+    assert loss[[2, 7]].eq(0).all() and grad[[2, 7]].eq(0).all()
+    assert rel_err(loss.double(), want.detach()) < tol
+    assert rel_err(grad.double(), leaf.grad) < tol
+    loss_only, none = linear_cross_entropy_vocab_chunks(h, iter(w.split(rows)), t, chunk=7)
+    assert none is None and torch.equal(loss_only, loss)
+
+
+def test_vocab_chunks_under_autocast_and_bad_input():
+    from adapt_engine.kernels import linear_cross_entropy_vocab_chunks
+
+    h, w, t = _vocab_chunks_case(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grad = linear_cross_entropy_vocab_chunks(h, w.split(64), t, torch.ones(t.shape))
+    want, _ = linear_cross_entropy_vocab_chunks(h.bfloat16(), w.bfloat16().split(64), t)
+    assert torch.equal(loss, want) and grad.dtype == torch.float32  # cast like nn.Linear; gradient in h's dtype
+    t[0] = 211
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        linear_cross_entropy_vocab_chunks(h, w.split(64), t)
+    with pytest.raises(ValueError, match="head chunk"):
+        linear_cross_entropy_vocab_chunks(h, [w[:, :5]], t)
+    closed = []
+
+    def chunks():
+        try:
+            yield w[:10, :5]
+        finally:
+            closed.append(True)
+
+    with pytest.raises(ValueError, match="head chunk"):
+        linear_cross_entropy_vocab_chunks(h, chunks(), t)
+    assert closed == [True]  # the chunk reader is released when the loss fails
