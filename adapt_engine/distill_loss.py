@@ -31,29 +31,74 @@ from .lm_loss import IGNORE_INDEX, shifted_targets
 CHUNK_ELEMS = 1 << 23  # logits per chunk and model (32 MB in float32)
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _logits_into(h: torch.Tensor, w: torch.Tensor, low: torch.Tensor | None, out: torch.Tensor) -> None:
+    """``out`` (accumulation dtype) = h @ wᵀ, through the reused low-precision buffer ``low`` when h is 16-bit."""
+    if low is None:
+        torch.mm(h, w.t(), out=out)
+    else:
+        out.copy_(torch.mm(h, w.t(), out=low))
+
+
 def _chunk_pass(hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.Tensor, temperature: float,
                 want_grad_h: bool, want_grad_w: bool, rows: int):
-    """One walk over the tokens: (summed KL, grad wrt hs or None, float32 grad wrt ws or None), unscaled by 1/N."""
-    n = hs.shape[0]
+    """One walk over the tokens: (summed KL, grad wrt hs or None, float32 grad wrt ws or None), unscaled by 1/N.
+
+    Every chunk-sized buffer is allocated once and reused (a fresh 32 MB tensor per operation cost more than
+    the operation: its pages are faulted in anew each time), and each elementwise step is one pass:
+    log-softmaxes into their own buffers, p = exp(log p), log p − log q in place, the per-token KL as a
+    row-wise dot product with p, and the gradient q − p in place of q's buffer.
+    """
+    n, vocab = hs.shape[0], ws.shape[0]
+    acc = _acc_dtype(hs.dtype)
+    m = min(rows, n)
     total = torch.zeros((), dtype=torch.float64, device=hs.device)
     grad_h = torch.empty_like(hs) if want_grad_h else None
-    grad_w = torch.zeros(ws.shape, dtype=torch.float32, device=ws.device) if want_grad_w else None
+    grad_w = torch.empty(ws.shape, dtype=acc, device=ws.device) if want_grad_w else None
+    xs, log_q, xt, log_p = (torch.empty((m, vocab), dtype=acc, device=hs.device) for _ in range(4))
+    low_s = torch.empty((m, vocab), dtype=hs.dtype, device=hs.device) if hs.dtype != acc else None
+    low_t = torch.empty((m, vocab), dtype=ht.dtype, device=ht.device) if ht.dtype != acc else None
+    part_w = torch.empty_like(ws) if grad_w is not None and ws.dtype != acc else None
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        zs = (hs[r0:r1] @ ws.t()).float()
-        zt = (ht[r0:r1] @ wt.t()).float()
-        log_q = F.log_softmax(zs / temperature, dim=1)
-        log_p = F.log_softmax(zt / temperature, dim=1)
-        p = log_p.exp()
-        total += (p * (log_p - log_q)).sum(dtype=torch.float64)
+        k = r1 - r0
+        a_s, l_s, a_t, l_t = xs[:k], log_q[:k], xt[:k], log_p[:k]
+        _logits_into(hs[r0:r1], ws, None if low_s is None else low_s[:k], a_s)
+        _logits_into(ht[r0:r1], wt, None if low_t is None else low_t[:k], a_t)
+        if temperature != 1.0:
+            a_s.div_(temperature)
+            a_t.div_(temperature)
+        torch.log_softmax(a_s, 1, out=l_s)
+        torch.log_softmax(a_t, 1, out=l_t)
+        p = torch.exp(l_t, out=a_t)
+        l_t.sub_(l_s)  # log p − log q: exactly 0 everywhere when the two logit chunks are equal
+        total += torch.linalg.vecdot(p, l_t).sum(dtype=torch.float64)
         if grad_h is None and grad_w is None:
             continue
         # d(T²·KL)/dz_s = T·(q − p)
-        g = log_q.exp_().sub_(p).mul_(temperature).to(hs.dtype)
+        g = torch.exp(l_s, out=a_s).sub_(p)
+        if temperature != 1.0:
+            g.mul_(temperature)
+        if low_s is not None:
+            g = low_s[:k].copy_(g)
+        hc = hs[r0:r1]
         if grad_h is not None:
             torch.mm(g, ws, out=grad_h[r0:r1])
         if grad_w is not None:
-            grad_w += (g.t() @ hs[r0:r1]).float()
+            if part_w is None:  # float32/64: accumulate straight into the result
+                if r0 == 0:
+                    torch.mm(g.t(), hc, out=grad_w)
+                else:
+                    grad_w.addmm_(g.t(), hc)
+            else:  # 16-bit: each chunk's product lands in one reused buffer, then adds into float32
+                torch.mm(g.t(), hc, out=part_w)
+                if r0 == 0:
+                    grad_w.copy_(part_w)
+                else:
+                    grad_w += part_w
     return total, grad_h, grad_w
 
 
@@ -68,16 +113,16 @@ class LinearKLFunction(torch.autograd.Function):
         ctx.ws_dtype = ws.dtype
         ctx.save_for_backward(grad_h, grad_w)
         ctx.scale = 1.0 / max(1, n)
-        return (total * (temperature ** 2) / max(1, n)).float()
+        return (total * (temperature ** 2) / max(1, n)).to(_acc_dtype(hs.dtype))  # float32 (float64 for float64)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         grad_h, grad_w = ctx.saved_tensors
-        scale = grad_out.float() * ctx.scale
+        scale = grad_out.double() * ctx.scale
         if grad_h is not None:
             grad_h = grad_h * scale.to(grad_h.dtype)
         if grad_w is not None:
-            grad_w = (grad_w * scale).to(ctx.ws_dtype)
+            grad_w = (grad_w * scale.to(grad_w.dtype)).to(ctx.ws_dtype)
         return grad_h, grad_w, None, None, None, None
 
 
@@ -97,12 +142,25 @@ def linear_kl(student_hidden: torch.Tensor, student_head: torch.Tensor, teacher_
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         hs, ws = hs.to(dtype), ws.to(dtype)
+    if hs.dtype != ws.dtype or teacher_hidden.dtype != teacher_head.dtype:
+        raise TypeError(f"linear_kl: each model's hidden states and head need one dtype (student {hs.dtype} and "
+                        f"{ws.dtype}, teacher {teacher_hidden.dtype} and {teacher_head.dtype}); call under "
+                        f"torch.autocast or cast one")
     hs = hs.reshape(-1, hs.shape[-1]).contiguous()
     ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).contiguous()
     rows = chunk or max(1, CHUNK_ELEMS // max(1, ws.shape[0]))
     with torch.autocast(device_type, enabled=False):
         return LinearKLFunction.apply(hs, ws.contiguous(), ht, teacher_head.detach().contiguous(),
                                       float(temperature), rows)
+
+
+def linear_kl_reference(student_hidden: torch.Tensor, student_head: torch.Tensor, teacher_hidden: torch.Tensor,
+                        teacher_head: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Ground truth of :func:`linear_kl`: the full logits, log-softmaxes and KL in float64 (differentiable)."""
+    zs = student_hidden.reshape(-1, student_hidden.shape[-1]).double() @ student_head.double().t()
+    zt = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).double() @ teacher_head.detach().double().t()
+    log_q, log_p = F.log_softmax(zs / temperature, -1), F.log_softmax(zt / temperature, -1)
+    return temperature ** 2 * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
 def layer_mse(student_states, teacher_states) -> torch.Tensor:
@@ -139,9 +197,13 @@ class DistillLoss:
                              "state (not Gemma 2/3's soft-capped or Granite's scaled logits); use --distill none")
         want_layers = self.layer_weight > 0
         with torch.no_grad():
-            t_out = self.teacher(input_ids=input_ids, use_cache=False, logits_to_keep=1, output_hidden_states=True)
+            # The decoder body only: the KL makes the teacher's logits itself. (Through the LM model, a bf16
+            # teacher's head on its one kept position ran as a batched matmul that first copied the whole head
+            # once per sequence: a third of a distillation step on SmolLM2's 49k x 576 head.)
+            t_out = self.teacher.model(input_ids=input_ids, use_cache=False, output_hidden_states=want_layers)
         out = forward_model(input_ids=input_ids, use_cache=False, logits_to_keep=1, output_hidden_states=True)
-        hs, ht = out.hidden_states, t_out.hidden_states
+        hs = out.hidden_states
+        ht = t_out.hidden_states if want_layers else (t_out.last_hidden_state,)
         if hs[-1].shape[-1] != ht[-1].shape[-1]:
             raise UsageError(f"--distill: the student's hidden size {hs[-1].shape[-1]} differs from the teacher's "
                              f"{ht[-1].shape[-1]}; the logit and layer terms need equal hidden sizes")
