@@ -6,10 +6,12 @@ The KL term never holds a batch's logits. Like the fused cross-entropy (``kernel
 the tokens in chunks: per chunk the student's and the teacher's logits are made from their last hidden
 states and LM heads, turned into the chunk's KL and, in the same pass, into the gradient with respect to
 the student's logits, ``T · (softmax(z_s/T) − softmax(z_t/T))``; two matrix products turn that into the
-chunk's gradients for the student's hidden states and LM head. Peak extra memory is about five
-chunk × vocab float32 buffers (``CHUNK_ELEMS`` elements each: 32 MB, so about 160 MB whatever the batch),
-the hidden-state gradient (shaped like the hidden states) and, when the head trains, one float32 buffer
-shaped like the head (SmolLM2: 49,152 × 576, 113 MB) — instead of batch × seq × vocab logits for each model.
+chunk's gradients for the student's hidden states and LM head. Peak extra memory is four chunk × vocab
+float32 buffers (``CHUNK_ELEMS`` elements each: 32 MB) and, for 16-bit logits, two 16-bit ones (16 MB), so
+about 160 MB whatever the batch, all allocated once per call and reused by every chunk; the hidden-state
+gradient (shaped like the hidden states); and, when the head trains, one float32 buffer shaped like the head
+(SmolLM2: 49,152 × 576, 113 MB) plus, for a 16-bit head, a 16-bit one for each chunk's share (57 MB) —
+instead of batch × seq × vocab logits for each model. :func:`linear_kl_reference` is the plain float64 truth.
 
 The teacher runs under ``torch.no_grad`` and is never an input of the autograd graph, so gradients flow only
 into the student. With teacher == student (same weights, same dtype) both logit chunks are bitwise equal,
