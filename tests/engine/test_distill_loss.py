@@ -9,7 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapt_engine.distill_loss import CHUNK_ELEMS, DistillLoss, layer_mse, linear_kl, linear_kl_reference
+from adapt_engine.distill_loss import (
+    CHUNK_ELEMS,
+    DistillLoss,
+    layer_mse,
+    linear_kl,
+    linear_kl_ce,
+    linear_kl_reference,
+)
 from adapt_engine.errors import UsageError
 from adapt_engine.lm_loss import causal_lm_loss
 
@@ -134,6 +141,42 @@ def test_linear_kl_refuses_mixed_dtypes_within_one_model():
     hs, ws, ht, wt = _kl_case((2, 3), 11, 4, torch.float32, torch.float32, seed=10)
     with pytest.raises(TypeError, match="one dtype"):
         linear_kl(hs, ws.detach().bfloat16(), ht, wt)
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("case", KL_CASES[1:4], ids=str)
+@pytest.mark.parametrize("temperature,ce_weight", [(1.0, 1.0), (1.0, 0.3), (2.5, 0.7)])
+def test_linear_kl_ce_equals_kl_plus_weighted_cross_entropy(case, dtype, temperature, ce_weight):
+    """The cross-entropy made from the KL's own logit chunks: values and the gradient of kl + w·ce against
+    float64 references (the KL's and F.cross_entropy of the full logits)."""
+    lead, vocab, hidden, chunk = case
+    hs, ws, ht, wt = _kl_case(lead, vocab, hidden, dtype, dtype, seed=vocab)
+    targets = torch.randint(0, vocab, lead, generator=torch.Generator().manual_seed(vocab))
+    loss, kl, ce = linear_kl_ce(hs, ws, ht, wt, targets, temperature, ce_weight, chunk=chunk)
+    assert loss.requires_grad and not kl.requires_grad and not ce.requires_grad
+    loss.backward()
+    hs2, ws2 = hs.detach().clone().requires_grad_(), ws.detach().clone().requires_grad_()
+    want_kl = linear_kl_reference(hs2, ws2, ht, wt, temperature)
+    want_ce = F.cross_entropy(hs2.reshape(-1, hidden).double() @ ws2.double().t(), targets.reshape(-1))
+    want = want_kl + ce_weight * want_ce
+    want.backward()
+    for name, a, b in (("loss", loss, want), ("kl", kl, want_kl), ("ce", ce, want_ce),
+                       ("grad hidden", hs.grad, hs2.grad), ("grad head", ws.grad, ws2.grad)):
+        assert _rel_err(a, b.detach().double()) <= TOL[dtype], (name, _rel_err(a, b.detach().double()))
+
+
+def test_linear_kl_ce_without_targets_is_the_kl():
+    hs, ws, ht, wt = _kl_case((2, 5), 31, 8, torch.float32, torch.float32, seed=11)
+    loss, kl, ce = linear_kl_ce(hs, ws, ht, wt, None, 1.5, 0.0, chunk=3)
+    assert float(ce) == 0.0 and torch.equal(loss.detach(), kl) and torch.equal(kl, linear_kl(hs, ws, ht, wt, 1.5, 3))
+
+
+def test_linear_kl_ce_refuses_bad_targets():
+    hs, ws, ht, wt = _kl_case((2, 3), 11, 4, torch.float32, torch.float32, seed=12)
+    with pytest.raises(ValueError, match="shaped"):
+        linear_kl_ce(hs, ws, ht, wt, torch.zeros(6, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[0, 11\)"):
+        linear_kl_ce(hs, ws, ht, wt, torch.full((2, 3), -100))
 
 
 @pytest.fixture
