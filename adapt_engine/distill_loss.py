@@ -68,7 +68,7 @@ def _chunk_pass(hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.
     # the log-softmax at temperature 1 for the cross-entropy, when the KL's is at another temperature
     log_q1 = torch.empty((m, vocab), dtype=acc, device=hs.device) if want_ce and temperature != 1.0 else None
     grad_h = torch.empty_like(hs) if want_grad_h else None
-    grad_w = torch.empty(ws.shape, dtype=acc, device=ws.device) if want_grad_w else None
+    grad_w = (torch.empty if n else torch.zeros)(ws.shape, dtype=acc, device=ws.device) if want_grad_w else None
     xs, log_q, xt, log_p = (torch.empty((m, vocab), dtype=acc, device=hs.device) for _ in range(4))
     low_s = torch.empty((m, vocab), dtype=hs.dtype, device=hs.device) if hs.dtype != acc else None
     low_t = torch.empty((m, vocab), dtype=ht.dtype, device=ht.device) if ht.dtype != acc else None

@@ -137,6 +137,14 @@ def test_linear_kl_default_chunk_covers_a_large_vocabulary_in_several_chunks():
     _check_against_reference(hs, ws, ht, wt, 1.0, None, TOL[torch.float32])
 
 
+def test_linear_kl_of_no_tokens_is_zero_with_zero_gradients():
+    hs, ws, ht, wt = _kl_case((2, 0), 11, 4, torch.bfloat16, torch.bfloat16, seed=13)
+    loss, kl, ce = linear_kl_ce(hs, ws, ht, wt, torch.zeros(2, 0, dtype=torch.long), 1.0, 1.0)
+    loss.backward()
+    assert float(loss) == float(kl) == float(ce) == 0.0 and hs.grad.shape == hs.shape
+    assert torch.count_nonzero(ws.grad) == 0
+
+
 def test_linear_kl_refuses_mixed_dtypes_within_one_model():
     hs, ws, ht, wt = _kl_case((2, 3), 11, 4, torch.float32, torch.float32, seed=10)
     with pytest.raises(TypeError, match="one dtype"):
