@@ -304,6 +304,12 @@ class DecoderAdapter:
         return per
 
 
+def decoder_body(model: nn.Module) -> nn.Module:
+    """The model without its LM head (embedding, decoder layers, final norm): every supported family keeps it as
+    ``model.model``."""
+    return model.model
+
+
 def fused_lm_head(model: nn.Module) -> nn.Linear | None:
     """The LM head when a supported model's logits are exactly ``lm_head(last hidden state)``, else None.
 

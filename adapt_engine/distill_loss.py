@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .adapters import fused_lm_head
+from .adapters import decoder_body, fused_lm_head
 from .errors import UsageError
 
 CHUNK_ELEMS = 1 << 23  # logits per chunk and model (32 MB in float32)
@@ -247,7 +247,8 @@ class DistillLoss:
             # The decoder body only: the KL makes the teacher's logits itself. (Through the LM model, a bf16
             # teacher's head on its one kept position ran as a batched matmul that first copied the whole head
             # once per sequence: a third of a distillation step on SmolLM2's 49k x 576 head.)
-            t_out = self.teacher.model(input_ids=input_ids, use_cache=False, output_hidden_states=want_layers)
+            t_out = decoder_body(self.teacher)(input_ids=input_ids, use_cache=False,
+                                               output_hidden_states=want_layers)
         out = forward_model(input_ids=input_ids, use_cache=False, logits_to_keep=1, output_hidden_states=True)
         hs = out.hidden_states
         ht = t_out.hidden_states if want_layers else (t_out.last_hidden_state,)
