@@ -29,12 +29,7 @@ import torch.nn.functional as F
 
 from .adapters import decoder_body, fused_lm_head
 from .errors import UsageError
-
-CHUNK_ELEMS = 1 << 23  # logits per chunk and model (32 MB in float32)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .kernels.linear_ce import acc_dtype, chunk_rows
 
 
 def _logits_into(h: torch.Tensor, w: torch.Tensor, low: torch.Tensor | None, out: torch.Tensor) -> None:
@@ -60,7 +55,7 @@ def _chunk_pass(hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.
     row-wise dot product with p, and the gradient q − p in place of q's buffer.
     """
     n, vocab = hs.shape[0], ws.shape[0]
-    acc = _acc_dtype(hs.dtype)
+    acc = acc_dtype(hs.dtype)
     m = min(rows, n)
     total = torch.zeros((), dtype=torch.float64, device=hs.device)
     ce_total = torch.zeros((), dtype=torch.float64, device=hs.device)
@@ -140,7 +135,7 @@ class LinearKLFunction(torch.autograd.Function):
         ctx.ws_dtype = ws.dtype
         ctx.save_for_backward(grad_h, grad_w)
         ctx.scale = 1.0 / n
-        out = _acc_dtype(hs.dtype)  # float32 (float64 for float64)
+        out = acc_dtype(hs.dtype)  # float32 (float64 for float64)
         kl, ce = total * (temperature ** 2) / n, ce_total / n
         loss, kl, ce = (kl + ce_weight * ce).to(out), kl.to(out), ce.to(out)
         ctx.mark_non_differentiable(kl, ce)
@@ -195,7 +190,7 @@ def linear_kl_ce(student_hidden: torch.Tensor, student_head: torch.Tensor, teach
         targets = targets.reshape(-1).to(torch.int64)
     hs = hs.reshape(-1, hs.shape[-1]).contiguous()
     ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).contiguous()
-    rows = chunk or max(1, CHUNK_ELEMS // max(1, ws.shape[0]))
+    rows = chunk_rows(chunk, ws.shape[0])  # the fused cross-entropy's rule: about CHUNK_ELEMS logits per chunk
     with torch.autocast(device_type, enabled=False):
         return LinearKLFunction.apply(hs, ws.contiguous(), ht, teacher_head.detach().contiguous(),
                                       float(temperature), rows, targets, float(ce_weight))

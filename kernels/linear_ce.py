@@ -47,7 +47,8 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 CeRows = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", int], torch.Tensor]
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype chunks of logits are reduced in: float64 for float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -55,7 +56,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def ce_rows_torch(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor | None,
                   ignore_index: int) -> torch.Tensor:
     """Plain-torch row kernel: per-row cross-entropy, and in place the scaled logit gradient if scale is given."""
-    x = logits.to(_acc_dtype(logits.dtype))  # the buffer itself when it is already fp32/fp64
+    x = logits.to(acc_dtype(logits.dtype))  # the buffer itself when it is already fp32/fp64
     valid = targets != ignore_index
     safe = torch.where(valid, targets, 0).unsqueeze(1)
     lse = torch.logsumexp(x, dim=1)
@@ -85,7 +86,7 @@ def fused_pass(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, ignore_index: 
     Gradients are only produced when ``scale`` (per-token factor of d loss / d logits) is given.
     """
     n, vocab = h.shape[0], w.shape[0]
-    acc = _acc_dtype(h.dtype)
+    acc = acc_dtype(h.dtype)
     loss = torch.empty(n, dtype=acc, device=h.device)
     grad_h = torch.empty_like(h) if scale is not None and want_grad_h else None
     grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if scale is not None and want_grad_w else None
@@ -169,7 +170,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, h, w, t, ignore_index, reduction, rows, ce_rows):  # noqa: D102
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.meta = (ignore_index, reduction, rows, ce_rows, need_h, need_w, w.dtype)
-        acc = _acc_dtype(h.dtype)
+        acc = acc_dtype(h.dtype)
         if reduction == "none":
             loss, _, _ = fused_pass(h, w, t, ignore_index, None, rows, False, False, ce_rows)
             ctx.save_for_backward(h, w, t)
@@ -187,7 +188,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ignore_index, reduction, rows, ce_rows, need_h, need_w, w_dtype = ctx.meta
         if reduction == "none":
             h, w, t = ctx.saved_tensors
-            scale = grad_out.to(_acc_dtype(h.dtype)) * (t != ignore_index)
+            scale = grad_out.to(acc_dtype(h.dtype)) * (t != ignore_index)
             _, grad_h, grad_w = fused_pass(h, w, t, ignore_index, scale, rows, need_h, need_w, ce_rows)
         else:
             grad_h, grad_w = ctx.saved_tensors
@@ -267,7 +268,7 @@ def linear_cross_entropy_vocab_chunks(hidden: torch.Tensor, weight_chunks: Itera
     out_dtype = hidden.dtype
     cast = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
     h = hidden.to(cast) if cast is not None else hidden
-    n, acc = h.shape[0], _acc_dtype(h.dtype)
+    n, acc = h.shape[0], acc_dtype(h.dtype)
     valid = targets != ignore_index
     run_max = torch.full((n,), float("-inf"), dtype=acc, device=h.device)
     run_sum = torch.zeros(n, dtype=acc, device=h.device)

@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from adapt_engine.kernels.linear_ce import CHUNK_ELEMS
 
 from adapt_engine.distill_loss import (
-    CHUNK_ELEMS,
     DistillLoss,
     layer_mse,
     linear_kl,
