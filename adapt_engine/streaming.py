@@ -72,6 +72,11 @@ LAYER_PREFIX = "model.layers."
 HEAD_CHUNK_BYTES = 128 << 20
 
 
+def rows_within(nbytes: int, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> int:
+    """How many rows (first-dimension slices) of a ``shape`` tensor at ``dtype`` fit in ``nbytes`` (at least 1)."""
+    return max(1, nbytes // max(1, math.prod(shape[1:]) * dtype.itemsize))
+
+
 class StreamingError(AdaptEngineError, ValueError):
     """A model that cannot be streamed layer by layer; the message names why and the alternative."""
 
@@ -156,13 +161,19 @@ class ShardStore:
                     with safe_open(str(f), framework="pt") as fh:
                         self.files.update({name: f for name in fh.keys()})
                 except SafetensorError as err:
-                    raise StreamingError(f"{f} is corrupt or truncated ({err}); download or save the model "
-                                         f"again") from err
+                    raise self._corrupt(f, err) from err
 
     def _file(self, name: str) -> Path:
         if name not in self.files:
             raise StreamingError(f"{self.folder} lacks weight '{name}'; the save is incomplete")
         return self.files[name]
+
+    def _by_file(self, names: list[str]) -> dict[Path, list[str]]:
+        """``names`` grouped by the shard that holds them (each shard is then opened once)."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self._file(name), []).append(name)
+        return by_file
 
     def _corrupt(self, f: Path, why: object) -> StreamingError:
         return StreamingError(f"{f} is corrupt or truncated ({why}); download or save the model again")
@@ -179,11 +190,8 @@ class ShardStore:
     def load(self, names: list[str], pin: bool = False) -> dict[str, torch.Tensor]:
         """The tensors ``names`` in the file's dtype, each read (plain file reads, no mapping) into a buffer of its
         own, page-locked when ``pin``."""
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self._file(name), []).append(name)
         out = {}
-        for f, group in by_file.items():
+        for f, group in self._by_file(names).items():
             with open(f, "rb", buffering=0) as fh:
                 start, header = self._locations(f, fh)
                 for name in group:
@@ -223,17 +231,14 @@ class ShardStore:
     def views(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The tensors ``names`` in the file's dtype, as views of the memory-mapped shards (each opened once):
         nothing is read until the data is touched."""
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self._file(name), []).append(name)
         out = {}
-        for f, group in by_file.items():
+        for f, group in self._by_file(names).items():
             try:
                 with safe_open(str(f), framework="pt") as fh:
                     for name in group:
                         out[name] = fh.get_tensor(name)
             except SafetensorError as err:
-                raise StreamingError(f"{f} is corrupt or truncated ({err}); download or save the model again") from err
+                raise self._corrupt(f, err) from err
         return out
 
     def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -402,7 +407,7 @@ class StreamedModel:
         head = fused_lm_head(self.model)  # None: the family's logits are not lm_head(hidden); keep it whole
         chunked = head is not None and head.weight.numel() * self.dtype.itemsize > head_chunk_bytes
         head_name = names[id(head.weight)] if chunked else None
-        rows = max(1, head_chunk_bytes // (head.weight.shape[1] * self.dtype.itemsize)) if chunked else 0
+        rows = rows_within(head_chunk_bytes, head.weight.shape, self.dtype) if chunked else 0
         # The embedding is read by rows unless it is also a head that stays whole (tied).
         by_rows = isinstance(embed, nn.Embedding) and (chunked or out is None or out.weight is not embed.weight)
         return (names[id(embed.weight)] if by_rows else None), head_name, rows
@@ -525,7 +530,7 @@ class StreamedModel:
         out: dict[str, torch.Tensor | RowBlocks] = {}
         for name, p in self.end_params.items():
             if name in (self.embed_name, self.head_name):
-                rows = max(1, HEAD_CHUNK_BYTES // max(1, math.prod(p.shape[1:]) * self.dtype.itemsize))
+                rows = rows_within(HEAD_CHUNK_BYTES, p.shape, self.dtype)
                 out[name] = RowBlocks(tuple(p.shape), self.dtype,
                                       lambda a, b, name=name: self.store.load_rows(name, a, b).to(self.dtype), rows)
             else:
@@ -640,17 +645,21 @@ def _forward_sweep(streamed: StreamedModel, hidden: list[torch.Tensor], calls: l
     return hidden, inputs
 
 
+def _topped(model: nn.Module, top: torch.Tensor):
+    """Inside, the decoder layers pass their input through and the last one returns ``top``."""
+    n = len(model.model.layers)
+    return _tapped(model, [_Tap() for _ in range(n - 1)] + [_Tap(replacement=top)])
+
+
 def _head_loss(model: nn.Module, ids: torch.Tensor, top: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """The model's own loss of ``ids`` with ``top`` as the last decoder layer's output (final norm, LM head)."""
-    n = len(model.model.layers)
-    with _tapped(model, [_Tap() for _ in range(n - 1)] + [_Tap(replacement=top)]):
+    with _topped(model, top):
         return causal_lm_loss(model, ids, reduction=reduction)
 
 
 def _final_hidden(model: nn.Module, ids: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
     """The model's last hidden state (after its final norm) with ``top`` as the last decoder layer's output."""
-    n = len(model.model.layers)
-    with _tapped(model, [_Tap() for _ in range(n - 1)] + [_Tap(replacement=top)]):
+    with _topped(model, top):
         return model.model(input_ids=ids, use_cache=False).last_hidden_state
 
 
