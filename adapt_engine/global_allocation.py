@@ -132,6 +132,11 @@ def _unit_shape(shape: LayerShape, mode: str, units: int) -> LayerShape:
     return LayerShape(shape.num_heads - units * n_rep, shape.num_kv_heads - units, shape.intermediate_size)
 
 
+def _mlp_shape(shape: LayerShape, channels: int) -> LayerShape:
+    """Layer shape after removing ``channels`` MLP channels."""
+    return LayerShape(shape.num_heads, shape.num_kv_heads, shape.intermediate_size - channels)
+
+
 def plan_global(adapter: DecoderAdapter, scores: GroupScores, target: int, groups: tuple[str, ...], mode: str,
                 uniform: bool, size: SizeModel | None = None, max_groups: int | None = None) -> GlobalPlan:
     """Remove the groups of ``groups`` with the least saliency per parameter until the model has ``target``
@@ -167,14 +172,12 @@ def plan_global(adapter: DecoderAdapter, scores: GroupScores, target: int, group
         sorted_mlp = [scores.mlp[j].double().cpu().sort().values[:-1] for j in range(n)]  # a layer keeps one
         if uniform:
             depth = min(len(c) for c in sorted_mlp)
-            params = removed_alone(hidden, [LayerShape(s.num_heads, s.num_kv_heads, s.intermediate_size - 1)
-                                            for s in shapes])
+            params = removed_alone(hidden, [_mlp_shape(s, 1) for s in shapes])
             cands += [_Candidate(float(sum(c[r] for c in sorted_mlp)) / params, MLP_TYPE, seq, tuple(range(n)))
                       for r in range(depth)]
         else:
             for j, c in enumerate(sorted_mlp):
-                params = removed_alone(hidden, [LayerShape(s.num_heads, s.num_kv_heads, s.intermediate_size - 1)
-                                                if i == j else s for i, s in enumerate(shapes)])
+                params = removed_alone(hidden, [_mlp_shape(s, 1) if i == j else s for i, s in enumerate(shapes)])
                 cands += [_Candidate(float(x) / params, MLP_TYPE, seq, (j,)) for x in c.tolist()]
                 seq += 1
         seq += 1
@@ -212,8 +215,7 @@ def plan_global(adapter: DecoderAdapter, scores: GroupScores, target: int, group
         else:
             for j in c.layers:
                 s = cur[j]
-                new = (_unit_shape(s, mode, 1) if c.kind == HEADS
-                       else LayerShape(s.num_heads, s.num_kv_heads, s.intermediate_size - 1))
+                new = _unit_shape(s, mode, 1) if c.kind == HEADS else _mlp_shape(s, 1)
                 a0, b0 = size.layer_coefficients(j, s)
                 a1, b1 = size.layer_coefficients(j, new)
                 d_per_h += a1 - a0
