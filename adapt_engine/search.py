@@ -221,10 +221,11 @@ def _fail_dead_local_trials(study, storage) -> None:
     # A process killed between Optuna creating its trial and the objective naming its host and pid leaves a trial
     # that names nobody. A live process names its trial within milliseconds: one still anonymous after a pause
     # is an orphan.
-    if any("pid" not in t.user_attrs for t in running):
+    anonymous = {t.number for t in running if "pid" not in t.user_attrs}
+    if anonymous:
         time.sleep(ORPHAN_SECONDS)
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if "pid" not in trial.user_attrs and trial.number in {t.number for t in running}:
+            if trial.number in anonymous and "pid" not in trial.user_attrs:
                 storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
 
 
