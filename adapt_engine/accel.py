@@ -593,10 +593,11 @@ def train_one_step(run: AccelRun, state: AccelState, session: Session, windows: 
     lr = state.schedule.lr(pos["global_step"])
     t0 = time.perf_counter()
     try:
-        # FSDP2 may reshard the head before a loss computed outside its root forward: plain loss there.
+        # The fused loss under FSDP2 too (its root keeps the head gathered, distributed._start_fsdp): the plain
+        # loss rounds differently under bf16 autocast, so FSDP2 would drift from one process and from DDP.
         out = train_step(session.module, session.optimizer, batch, lr=lr, micro_batch=cfg.micro_batch,
                          max_grad_norm=cfg.max_grad_norm, amp=run.amp, d=run.d,
-                         fused_loss_of=None if session.fsdp else state.model, loss_fn=loss_fn)
+                         fused_loss_of=session.module if session.fsdp else state.model, loss_fn=loss_fn)
     except TrainingDivergedError as err:
         raise _diverged(run, state, err, lr) from None
     dt = time.perf_counter() - t0

@@ -104,7 +104,9 @@ def _start_fsdp(model, optimizer, d: Dist, shard_optimizer: Callable[[nn.Module]
     shard = copy.deepcopy(model)
     for layer in shard.model.layers:
         fully_shard(layer, mesh=mesh)
-    fully_shard(shard, mesh=mesh)
+    # The root (embedding, final norm, LM head) stays gathered from forward to backward, so the fused loss, which
+    # reads the head after the forward (accel.train_one_step), gets the whole weight and gives it its gradient.
+    fully_shard(shard, mesh=mesh, reshard_after_forward=False)
     shard_opt = shard_optimizer(shard)
     plain = dict(model.named_parameters())
     for name, p in shard.named_parameters():
