@@ -233,8 +233,8 @@ class PruneSettings:
                          help="inside a layer, remove attention units only where they are less salient than the MLP "
                          "channels they would spare (default), or give attention its proportional share")
     calib_batch_size: int = setting(32, minimum=1, help="calibration sequences per scored gradient")
-    # Activations of 8 sequences at a time, not 32 (README: peak RSS); the batch's scores are the same.
-    calib_micro_batch: int = setting(8, minimum=1, help="sequences per forward/backward inside a calibration batch "
+    # Activations of 4 sequences at a time, not 32 (README: peak RSS); the batch's scores are the same.
+    calib_micro_batch: int = setting(4, minimum=1, help="sequences per forward/backward inside a calibration batch "
                                      "(same scores, activations of one micro-batch)")
     calib_dtype: str = setting("float32", choices=CALIB_DTYPES,
                                help="calibration forward/backward under bf16 autocast (fp32 weights and saliency); "

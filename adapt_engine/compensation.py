@@ -16,10 +16,9 @@ so this is a least-squares problem on the calibration activations X (one row per
   one is refused (adding a bias would change the architecture and the parameter count).
 
 Statistics come from the same calibration forward pass as the saliency: forward pre-hooks on every
-``down_proj`` and ``o_proj`` add ``XᵀX`` of each micro-batch (a float32 GEMM, added into float64
-accumulators so the sum does not depend on how micro-batches are split across ranks; the solve is in
-float64). Memory: ``8·(intermediate² + (heads·head_dim)²)`` bytes per layer — 646 MB for SmolLM2-135M
-(30 × (1536² + 576²) × 8 B), freed after the cut. ``bias`` keeps only the per-input sums.
+``down_proj`` and ``o_proj`` add ``XᵀX`` of each micro-batch (a float32 GEMM into float32 accumulators; the
+solve is in float64). Memory: ``4·(intermediate² + (heads·head_dim)²)`` bytes per layer — 323 MB for
+SmolLM2-135M (30 × (1536² + 576²) × 4 B), freed after the cut. ``bias`` keeps only the per-input sums.
 """
 
 from __future__ import annotations
@@ -56,10 +55,10 @@ def check_compensation(adapter: DecoderAdapter, method: str, damp: float) -> Non
 
 
 def statistics_bytes(adapter: DecoderAdapter, method: str) -> int:
-    """Memory of every layer's statistics of ``method`` together (lstsq: float64 Gram matrices of the down_proj
+    """Memory of every layer's statistics of ``method`` together (lstsq: float32 Gram matrices of the down_proj
     and o_proj inputs; bias: per-input sums)."""
     d = adapter.head_dim
-    per_input = (lambda n: 8 * n * n) if method == "lstsq" else (lambda n: 8 * n)
+    per_input = (lambda n: 4 * n * n) if method == "lstsq" else (lambda n: 4 * n)
     return sum(per_input(s.intermediate_size) + per_input(s.num_heads * d) for s in adapter.shapes())
 
 
@@ -86,9 +85,8 @@ class InputStatistics:
                     stat = x.T @ x
                 else:
                     stat = x.sum(0)
-                # float64 accumulators: the sum is then independent of how micro-batches are split across
-                # ranks to well below what the solve amplifies (float32 sums differed by 3e-3 in the logits).
-                stat = stat.double()
+                # float32 accumulators: float64 ones doubled the largest buffer of a prune (issue 13) for
+                # rounding of ~1e-7 relative, far below the ridge the solve adds (damp 1: the mean diagonal).
                 store[index] = stat if store[index] is None else store[index].add_(stat)
                 if count:
                     self.tokens += x.shape[0]
@@ -140,16 +138,22 @@ def refit_columns(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, 
     w_keep = weight[:, keep]
     if removed.numel() == 0 or keep.numel() == 0:
         return w_keep.clone()
-    g = gram.to(weight.device, torch.float64)
-    g_ss = g[keep][:, keep]
+    rows = gram.to(weight.device).index_select(0, keep)
+    g_ss = rows.index_select(1, keep).double()
     lam = damp * float(g_ss.diagonal().mean())
     g_ss.diagonal().add_(lam)
-    rhs = g[keep][:, removed] @ weight[:, removed].double().T  # [S, out] = G[S,R] W_Rᵀ
+    g_sr = rows.index_select(1, removed).double()
+    w_r = weight[:, removed].double()
+    # (G[S,S] + λI)⁻¹ G[S,R] W_Rᵀ: solve for whichever right-hand side is narrower (a sub-step removes a few
+    # dozen channels of a layer, fewer than the projection's outputs), then multiply.
+    narrow = removed.numel() < weight.shape[0]
+    rhs = g_sr if narrow else g_sr @ w_r.T
     chol, info = torch.linalg.cholesky_ex(g_ss)
     if int(info) == 0:
-        delta_t = torch.cholesky_solve(rhs, chol)
+        solved = torch.cholesky_solve(rhs, chol)
     else:  # singular G[S,S] with damp 0 (e.g. dead channels): the minimum-norm solution
-        delta_t = torch.linalg.lstsq(g_ss, rhs, driver="gelsd" if g_ss.device.type == "cpu" else None).solution
+        solved = torch.linalg.lstsq(g_ss, rhs, driver="gelsd" if g_ss.device.type == "cpu" else None).solution
+    delta_t = solved @ w_r.T if narrow else solved
     return (w_keep.double() + delta_t.T).to(weight.dtype)
 
 

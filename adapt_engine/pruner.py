@@ -25,6 +25,7 @@ from .compensation import InputStatistics, check_compensation, compensate_layer,
 from .errors import UsageError
 from .global_allocation import STEM_TYPE, GlobalPlan, SizeModel, floor_params, plan_global
 from .groups import GroupScores, LayerKeep, attention_keep, choose_mlp_keep
+from .host_memory import trim_heap
 from .importance import (
     CalibPass,
     calibration_pass,
@@ -211,6 +212,7 @@ class AdaptPruner:
             raise ValueError("max_groups counts the groups of one global ranking; it needs allocation='global'")
         t0 = time.perf_counter()
         s = self.settings
+        trim_heap()  # the last sub-step freed every weight and statistic it resized: give their pages back first
         if s.calib_resample and self.history:
             self.calib_ids = self.calib_sampler(len(self.history))
         stats = InputStatistics(self.adapter, s.compensate) if s.compensate != "none" else None

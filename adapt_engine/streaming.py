@@ -38,7 +38,6 @@ stored layer inputs (``layers × calibration tokens × hidden`` in the weights' 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import math
 import os
@@ -53,6 +52,7 @@ from torch import nn
 from .adapters import DecoderAdapter, fused_lm_head
 from .errors import AdaptEngineError
 from .fsio import atomic_write_json
+from .host_memory import map_large_blocks_alone
 from .importance import (
     CalibPass,
     LayerSimilarity,
@@ -351,25 +351,6 @@ def open_streamed(folder: str | Path, dtype: torch.dtype, device: torch.device |
                          head_chunk_bytes)
 
 
-# mallopt's M_MMAP_THRESHOLD: blocks at least this large get their own mapping, unmapped when freed.
-_M_MMAP_THRESHOLD = -3
-_OWN_MAPPING_BYTES = 1 << 20
-
-
-def return_freed_layers_to_the_system() -> None:
-    """Have glibc map every block of 1 MB or more on its own, so a freed layer's memory goes back to the system.
-
-    glibc raises its mmap threshold itself (up to 32 MB) after freeing large blocks, and keeps freed blocks under
-    it in its heaps (one per thread, and the prefetcher is a thread): streaming layer after layer through memory
-    then leaves the process holding several layers' worth it no longer uses (measured on a 1B Llama: 1.27 GB peak
-    RSS with the default, 0.98 GB with this). A no-op outside glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, _OWN_MAPPING_BYTES)
-
-
 class StreamedModel:
     """A skeleton model whose decoder layers are loaded from a :class:`ShardStore` one at a time, and whose large
     ends (embedding, LM head) are read in pieces when they are used."""
@@ -396,7 +377,7 @@ class StreamedModel:
             else:
                 self.end_params[name] = p
         self.embed_name, self.head_name, self.head_rows = self._plan_ends(head_chunk_bytes)
-        return_freed_layers_to_the_system()
+        map_large_blocks_alone()
         self._load({name: p for name, p in self.end_params.items() if name not in (self.embed_name, self.head_name)})
 
     def _plan_ends(self, head_chunk_bytes: int) -> tuple[str | None, str | None, int]:
