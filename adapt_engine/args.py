@@ -251,6 +251,10 @@ class PruneSettings:
     compensate_damp: float = setting(1.0, minimum=0.0,
                                      help="ridge of --compensate lstsq, relative to the mean Gram diagonal")
     calib_resample: bool = setting(False, help="draw fresh calibration windows every sub-step (seed + sub-step)")
+    compensate_carry: float = setting(0.0, minimum=0.0, maximum=1.0,
+                                      help="carry the compensation statistics from sub-step to sub-step, weighted by "
+                                      "this factor at each (0: fresh every sub-step, default); with --calib-resample "
+                                      "each sub-step adds new windows to what the refit sees")
     importance_scale: str = setting("max", choices=IMPORTANCE_SCALES,
                                     help="layer-importance normalisation: divide by max |I| (paper), robust "
                                     "(median/MAD, clipped) or rank")
@@ -278,6 +282,9 @@ class PruneSettings:
         if self.mlp_select == "obs" and self.compensate != "lstsq":
             raise UsageError("--mlp-select obs chooses channels from the lstsq Gram matrices; use it with "
                              "--compensate lstsq (the default)")
+        if self.compensate_carry and self.compensate == "none":
+            raise UsageError("--compensate-carry carries the statistics of a refit; use it with --compensate lstsq "
+                             "(the default) or bias")
         if self.layers is not None:
             parse_layers(self.layers)
         if len(self.mix_alpha) != 2 or min(self.mix_alpha) < 0 or max(self.mix_alpha) <= 0:
@@ -394,7 +401,8 @@ class SearchSettings(CommandSettings):
                                   help="torch intra-op threads; on a machine whose cores are busy, fewer threads can "
                                   "be much faster")
     # The trial's other prune settings are fixed flags; steps default to 1 for search speed.
-    prune: PruneSettings = nested(lambda: PruneSettings(steps=1), exclude=(*SEARCHED, "calib_resample"))
+    prune: PruneSettings = nested(lambda: PruneSettings(steps=1),
+                                  exclude=(*SEARCHED, "calib_resample", "compensate_carry"))
 
     def validate(self) -> None:
         """UsageError for settings that cannot work together, before anything is loaded."""
@@ -447,7 +455,8 @@ class AccelConfig(CommandSettings):
     # Weight compensation and per-sub-step resampling were measured for `prune` only (docs/quality.md): accel
     # recovers by training, and a compensated cut broke the DDP = single-process equality test.
     prune: PruneSettings = nested(lambda: PruneSettings(compensate="none"),
-                                  exclude=("steps", "compensate", "compensate_damp", "calib_resample", "mlp_select"))
+                                  exclude=("steps", "compensate", "compensate_damp", "calib_resample", "mlp_select",
+                                           "compensate_carry"))
     prune_steps: int | None = setting(None, minimum=1,
                                       help="Algorithm-1 sub-steps per phase (default ceil(50 / interleaves))")
     saliency: str = setting("calib", choices=SALIENCY_SOURCES,

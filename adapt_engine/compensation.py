@@ -104,7 +104,29 @@ class InputStatistics:
         device = next((t.device for t in self.mlp if t is not None), torch.device("cpu"))
         tokens = torch.tensor([float(self.tokens)], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(tokens)
-        self.tokens = int(tokens.item())
+        self.tokens = tokens.item()
+
+    def start_from(self, earlier: InputStatistics, weight: float) -> None:
+        """Begin with ``weight`` × an earlier sub-step's statistics (cut to today's widths by :meth:`keep`); this
+        pass then adds to them in place, so carrying costs no second copy. Each torchrun rank holds the earlier
+        sum whole, so each starts from its share and the reduction over ranks adds it once."""
+        ranks = torch.distributed.get_world_size() if torch.distributed.is_available() and \
+            torch.distributed.is_initialized() else 1
+        share = weight / ranks
+        self.mlp = [None if t is None else t.mul_(share) for t in earlier.mlp]
+        self.attn = [None if t is None else t.mul_(share) for t in earlier.attn]
+        self.tokens = earlier.tokens * share
+
+    def keep(self, plan: list[LayerKeep]) -> None:
+        """Gather every layer's statistics to the inputs ``plan`` keeps, so they describe the cut model."""
+        for j, keep in enumerate(plan):
+            for store, index in ((self.mlp, keep.mlp), (self.attn, None if keep.q_heads is None
+                                                        else head_rows(keep.q_heads, self.adapter.head_dim))):
+                if index is not None and store[j] is not None:
+                    index = index.to(store[j].device)
+                    store[j] = store[j].index_select(0, index)
+                    if store[j].dim() == 2:
+                        store[j] = store[j].index_select(1, index)
 
     @contextlib.contextmanager
     def attached(self, layers: list[int] | None = None) -> Iterator[InputStatistics]:
@@ -188,7 +210,7 @@ def obs_keep(weight: torch.Tensor, gram: torch.Tensor, keep_count: int, damp: fl
     return torch.nonzero(alive).flatten()
 
 
-def _compensate_linear(lin: nn.Linear, keep: torch.Tensor, stat: torch.Tensor, tokens: int, method: str,
+def _compensate_linear(lin: nn.Linear, keep: torch.Tensor, stat: torch.Tensor, tokens: float, method: str,
                        damp: float) -> None:
     """Rewrite ``lin``'s kept columns (lstsq) or its bias (bias) in place, before surgery drops the rest."""
     with torch.no_grad():

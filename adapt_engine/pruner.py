@@ -68,6 +68,9 @@ class AdaptPruner:
         if settings.calib_resample and calib_sampler is None:
             raise UsageError("calib_resample needs a calib_sampler that draws fresh windows for each sub-step")
         check_compensation(self.adapter, settings.compensate, settings.compensate_damp)
+        if streamed is not None and settings.compensate_carry:
+            raise UsageError("--compensate-carry keeps every layer's statistics in memory between sub-steps; it is "
+                             "not available with --offload layer (drop one of the two)")
         self.original_shapes = self.adapter.shapes()
         self.stem = STEM_TYPE in settings.group_types
         if settings.uniform_shape and any(sh != self.original_shapes[0] for sh in self.original_shapes):
@@ -82,6 +85,7 @@ class AdaptPruner:
         self.fixed_params = self.original_total - self.original_prunable
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.history: list[dict] = []
+        self._carried: InputStatistics | None = None  # --compensate-carry: the last sub-step's statistics, cut to size
         # --layer-update incremental: per-layer sparsity targets carried from sub-step to sub-step, and
         # the overall sparsity they were last moved to (relative to the original prunable parameters).
         self.layer_sparsity: torch.Tensor | None = None
@@ -175,6 +179,9 @@ class AdaptPruner:
                 stats.reduce_across_ranks()
                 compensate_plan(self.adapter, plan, stats, s.compensate_damp, s.mlp_select)
             apply_plan(self.adapter, plan, optimizer)
+            if stats is not None and s.compensate_carry:
+                stats.keep(plan)
+                self._carried = stats
             return
         if stats is not None:  # gathered in the forward sweep (they fit in memory)
             stats.reduce_across_ranks()
@@ -216,6 +223,9 @@ class AdaptPruner:
         if s.calib_resample and self.history:
             self.calib_ids = self.calib_sampler(len(self.history))
         stats = InputStatistics(self.adapter, s.compensate) if s.compensate != "none" else None
+        if stats is not None and self._carried is not None:
+            stats.start_from(self._carried, s.compensate_carry)
+        self._carried = None
         if stats is not None and self.streamed is not None and not self._statistics_fit():
             stats = None  # streamed: each layer's statistics are gathered when it is cut (replay)
         observers = (stats,) if stats is not None else ()

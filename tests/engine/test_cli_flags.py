@@ -20,7 +20,7 @@ FIXTURE = Path(__file__).parent / "data" / "cli_flags.json"
 # aggregation over a group's members, the calibration windows a search chose), issue 16 (accel's knowledge
 # distillation).
 CALIB = {"--calib-micro-batch", "--calib-dtype", "--fp32-matmul", "--importance-scale"}
-QUALITY = {"--compensate", "--compensate-damp", "--calib-resample", "--mlp-select"}
+QUALITY = {"--compensate", "--compensate-damp", "--calib-resample", "--mlp-select", "--compensate-carry"}
 DEPLOY = {"--deploy-target", "--kv-merge"}
 ADAPRUNER = {"--layers", "--aggregate", "--mix-alpha", "--mix-scale"}
 DISTILL = {"--distill", "--kd-temperature", "--kd-layer-weight", "--ce-weight", "--teacher-dtype", "--distill-gap",
@@ -72,7 +72,8 @@ def test_search_flags():
            "--calib-pool", "--calib-k", "--calib-seq-len", "--objective-data", "--objective-tokens", "--storage",
            "--study-name", "--resume", "--overwrite", "--threads"}
     prune = set(_current()["prune"]["flags"])
-    chosen = {"--importance", "--mix-alpha", "--mix-scale", "--aggregate", "--calib-resample"}
+    chosen = {"--importance", "--mix-alpha", "--mix-scale", "--aggregate", "--calib-resample",
+              "--compensate-carry"}
     prune_only = {"--output", "--overwrite", "--no-bench", "--offload", "--eval-tokens", "--calib-data",
                   "--calib-samples", "--calib-seq-len", "--calib-indices", "--from-search", "--model", "--device",
                   "--dtype", "--sparsity", "--target-params"}

@@ -232,3 +232,71 @@ def test_obs_select_needs_lstsq():
     with pytest.raises(UsageError, match="--mlp-select obs .* --compensate lstsq"):
         PruneSettings(mlp_select="obs", compensate="none").validate()
     PruneSettings(mlp_select="obs").validate()
+
+
+# --compensate-carry: the statistics of earlier sub-steps, cut to the kept inputs, join the next refit.
+
+
+@pytest.mark.parametrize("method", ["lstsq", "bias"])
+@pytest.mark.parametrize("part", ["mlp", "heads"])
+def test_kept_statistics_are_those_of_the_cut_model(method, part):
+    """Gathered to a plan's kept inputs, the statistics equal what a calibration pass of the cut model gathers
+    (the cut is in the last layer, so no earlier input moves; a head cut also moves that layer's MLP inputs)."""
+    model = make_tiny_model("llama-bias")
+    calib = _calib()
+    stats = _stats(model, method, calib)
+    adapter = DecoderAdapter(model)
+    last = len(adapter.layers) - 1
+    cut = _plan(adapter, torch.Generator().manual_seed(3))[last]
+    plan = [LayerKeep() for _ in adapter.layers]
+    plan[last] = LayerKeep(mlp=cut.mlp) if part == "mlp" else LayerKeep(q_heads=cut.q_heads)
+    apply_plan(adapter, plan, None)
+    stats.keep(plan)
+    fresh = _stats(model, method, calib)
+    for j in range(len(adapter.layers)):
+        torch.testing.assert_close(stats.attn[j], fresh.attn[j], rtol=1e-5, atol=1e-4)
+        if not (part == "heads" and j == last):
+            torch.testing.assert_close(stats.mlp[j], fresh.mlp[j], rtol=1e-5, atol=1e-4)
+    assert stats.mlp[last].shape[0] == adapter.layer_shape(last).intermediate_size
+
+
+def test_a_pass_started_from_earlier_statistics_adds_to_their_weighted_sum():
+    model = make_tiny_model("llama")
+    adapter = DecoderAdapter(model)
+    a, b = _stats(model, "lstsq", _calib(seed=0)), _stats(model, "lstsq", _calib(seed=1))
+    expected = [x + 0.25 * y for x, y in zip(a.mlp, b.mlp)]
+    tokens = a.tokens + 0.25 * b.tokens
+    stats = InputStatistics(adapter, "lstsq")
+    stats.start_from(b, 0.25)
+    calibration_pass(adapter, _calib(seed=0), 4, None, None, observers=(stats,))
+    for got, want in zip(stats.mlp, expected):
+        torch.testing.assert_close(got, want)
+    assert stats.tokens == tokens
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_carried_statistics_change_the_refit_and_keep_surgery_exact(tmp_path, tiny_tokenizer, family):
+    """With resampled windows the carry is used (other weights than without it); the result reloads exactly."""
+    results = {}
+    for carry in (0.0, 1.0):
+        model = make_tiny_model(family)
+        settings = PruneSettings(steps=3, compensate="lstsq", calib_resample=True, compensate_carry=carry)
+        pruner = AdaptPruner(model, settings, _calib(), calib_sampler=lambda i: _calib(seed=100 + i))
+        target = pruner.target_from_sparsity(0.4)
+        pruner.prune_to(target)
+        assert abs(count_params(model) - target) <= 3 * 48 // 2 + 1
+        results[carry] = model
+    carried, fresh = results[1.0], results[0.0]
+    same_shapes = all(p.shape == q.shape for p, q in zip(carried.parameters(), fresh.parameters()))
+    assert not same_shapes or any(not torch.equal(p, q) for p, q in zip(carried.parameters(), fresh.parameters()))
+    out = save_pruned(carried, tiny_tokenizer, tmp_path / "out", {"note": "test"})
+    x = torch.randint(0, 320, (2, 9))
+    with torch.no_grad():
+        ref = carried(x).logits
+        assert torch.equal(load_pruned(out)(x).logits, ref)
+
+
+def test_carry_needs_a_refit():
+    with pytest.raises(UsageError, match="--compensate-carry .* --compensate lstsq"):
+        PruneSettings(compensate="none", compensate_carry=0.5).validate()
+    PruneSettings(compensate_carry=0.5).validate()

@@ -470,3 +470,14 @@ def test_cut_layers_are_linked_into_the_output_not_copied(tmp_path, monkeypatch,
     want = dict(model.named_parameters())
     for name, p in load_pruned(out).named_parameters():
         assert torch.equal(p, want[name]), name
+
+
+def test_offload_layer_refuses_compensate_carry(tmp_path, tiny_model_dir, capsys):
+    from adapt_engine.cli import main
+
+    argv = ["prune", "--model", str(tiny_model_dir), "--output", str(tmp_path / "o"), "--sparsity", "0.3",
+            "--steps", "2", "--calib-samples", "8", "--calib-seq-len", "16", "--offload", "layer",
+            "--compensate-carry", "1"]
+    assert main(argv) == 2
+    assert "--compensate-carry" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
