@@ -6,7 +6,8 @@ oneDNN (PyTorch's CPU matmul backend) can compute float32 products with bf16 ari
 into bf16 parts and keeps float32-class accuracy (measured: a 2048 × 576 × 1536 product differs from float64
 by 1.2e-4 against IEEE float32's 5.3e-5, while a plain bf16 product is off by 0.45) at 2-3× the speed. What a
 CPU does in this mode is the library's choice, so ``auto`` turns it on only after a probe product proves the
-accuracy on the machine at hand.
+accuracy on the machine at hand: an Intel Xeon with AMX (oneDNN 3.12, torch 2.13) computes it in plain bf16
+(probe error 2.6e-3), so there ``auto`` means IEEE.
 """
 
 from __future__ import annotations
