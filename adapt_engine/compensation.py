@@ -31,6 +31,7 @@ from torch import nn
 
 from .adapters import DecoderAdapter
 from .args import COMPENSATIONS
+from .distributed import process_group_world
 from .errors import UsageError
 from .groups import LayerKeep, head_rows
 
@@ -95,7 +96,7 @@ class InputStatistics:
 
     def reduce_across_ranks(self) -> None:
         """Sum the statistics over torchrun ranks (each saw its own calibration shard), so all ranks refit alike."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not process_group_world():
             return
         for store in (self.mlp, self.attn):
             for t in store:
@@ -110,9 +111,7 @@ class InputStatistics:
         """Begin with ``weight`` × an earlier sub-step's statistics (cut to today's widths by :meth:`keep`); this
         pass then adds to them in place, so carrying costs no second copy. Each torchrun rank holds the earlier
         sum whole, so each starts from its share and the reduction over ranks adds it once."""
-        ranks = torch.distributed.get_world_size() if torch.distributed.is_available() and \
-            torch.distributed.is_initialized() else 1
-        share = weight / ranks
+        share = weight / max(process_group_world(), 1)
         self.mlp = [None if t is None else t.mul_(share) for t in earlier.mlp]
         self.attn = [None if t is None else t.mul_(share) for t in earlier.attn]
         self.tokens = earlier.tokens * share

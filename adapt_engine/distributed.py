@@ -150,6 +150,11 @@ def check_same_shapes(model, d: Dist) -> None:
 
 
 
+def process_group_world() -> int:
+    """Ranks in the default process group (torchrun), or 0 when none is initialized (a single process)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 0
+
+
 def rank_share(n: int, rank: int, world: int) -> range:
     """Which of a step's ``n`` sequences this rank processes: a contiguous block, so with the same
     --micro-batch every micro-batch holds exactly the sequences it holds in a single-process run."""

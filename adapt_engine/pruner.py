@@ -22,6 +22,7 @@ from .allocation import (
 from .args import GRADIENT_IMPORTANCES, PruneSettings, parse_layers
 from .attention_ladder import attention_params, rung_costs, rungs
 from .compensation import InputStatistics, check_compensation, compensate_layer, compensate_plan, statistics_bytes
+from .distributed import process_group_world
 from .errors import UsageError
 from .global_allocation import STEM_TYPE, GlobalPlan, SizeModel, floor_params, plan_global
 from .groups import GroupScores, LayerKeep, attention_keep, choose_mlp_keep
@@ -206,7 +207,7 @@ class AdaptPruner:
     @staticmethod
     def _reduce_across_ranks(scores: GroupScores) -> GroupScores:
         # Under torchrun every rank sees other data: sum the saliency so all ranks decide identically.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if process_group_world():
             for t in scores.all_tensors():
                 torch.distributed.all_reduce(t)
         return scores
@@ -241,10 +242,11 @@ class AdaptPruner:
             raw, scores, loss = self._scores(progress, observers)
         if s.allocation == "global":
             return self._global_step(target_params, scores, stats, optimizer, loss, t0, max_groups)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = process_group_world()
+        if world:
             raw = raw.to(next(self.model.parameters()).device, torch.float64)
             torch.distributed.all_reduce(raw)
-            raw = raw.cpu() / torch.distributed.get_world_size()
+            raw = raw.cpu() / world
         importance = self._importance(raw)
         amplitude = s.amplitude if s.allocation == "adaptive" else 0.0
         target_prunable = max(0, target_params - self.fixed_params)
