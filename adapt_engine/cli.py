@@ -13,6 +13,7 @@ import sys
 
 from .args import AccelConfig, BenchSettings, EvalSettings, ExportSettings, PruneRunSettings, SearchSettings
 from .errors import AdaptEngineError
+from .host_memory import bound_kernel_caches
 from .settings import add_flags, from_args
 
 COMMANDS = {
@@ -53,6 +54,7 @@ def _run(command: str, settings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `adapt-engine` console script."""
+    bound_kernel_caches()  # before any matmul: the caches read their size once
     args = build_parser().parse_args(argv)
     try:
         return _run(args.command, from_args(COMMANDS[args.command][0], args))

@@ -21,6 +21,7 @@ from .devices import resolve_device
 from .distributed import Dist, calibration_share, setup_distributed
 from .dtypes import parse_dtype
 from .evaluate import perplexity
+from .importance import calib_compute_dtype
 from .models import folder_tokenizer, load_model
 from .options import check_output
 from .pruner import AdaptPruner
@@ -180,9 +181,12 @@ def _prune_and_report(cfg: PruneRunSettings, model, adapter: DecoderAdapter, str
     _prune_with_progress(pruner, target, cfg.prune.steps, calib, show_progress)
     after = _heldout_ppl(model, eval_ids, cfg.eval_tokens, streamed, cfg.prune.fp32_matmul)
     params_after = count_params(model)
+    first = next(model.parameters())
+    compute = calib_compute_dtype(cfg.prune.calib_dtype, streamed.device if streamed is not None else first.device,
+                                  streamed.dtype if streamed is not None else first.dtype)
     details.update(prunable_after=adapter.prunable_params(), layer_params_after=_layer_params(adapter),
                    round_to=cfg.round_to, history=pruner.history, offload="layer" if streamed else "none",
-                   hidden_size_after=adapter.hidden_size)
+                   hidden_size_after=adapter.hidden_size, calib_compute_dtype=str(compute).removeprefix("torch."))
     if cfg.round_to > 1:
         details["rounding_cost_params"] = params_after - int(target)
     report = RunReport(

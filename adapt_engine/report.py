@@ -108,6 +108,8 @@ def _summary_lines(r: dict) -> list[str]:
         lines.append(f"prunable       {_fmt(pb)} -> {_fmt(pa)}  (sparsity {100 * (1 - pa / pb):.2f}%)")
     if r.get("hidden_size_before") is not None:
         lines.append(f"hidden size    {r['hidden_size_before']} -> {r.get('hidden_size_after')}")
+    if r.get("calib_compute_dtype"):
+        lines.append(f"calibration    computed in {r['calib_compute_dtype']}")
     history = r.get("history") or r.get("prune_history") or []
     order = removal_order(history)
     if order:

@@ -710,7 +710,8 @@ def _streamed_pass(streamed: StreamedModel, calib_ids: torch.Tensor, opts: Calib
                    keep_inputs: bool) -> tuple[torch.Tensor | None, object, float]:
     """The body of :func:`streamed_calibration_pass`."""
     adapter = streamed.adapter
-    autocast = calib_autocast(opts.calib_dtype, streamed.device, streamed.dtype, opts.fp32_matmul)
+    autocast = calib_autocast(opts.calib_dtype, streamed.device, streamed.dtype, opts.fp32_matmul,
+                              seq_len=calib_ids.shape[-1])
     batches = calibration_batches(calib_ids.to(streamed.device), opts.batch_size, opts.micro_batch_size)
     sim = LayerSimilarity(adapter, opts.similarity) if opts.similarity else None
     collector = (SaliencyCollector(adapter, opts.saliency_metric, opts.aggregate, opts.mix)

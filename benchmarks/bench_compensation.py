@@ -15,7 +15,6 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapt_engine.pruner import AdaptPruner, PruneSettings
 
@@ -23,20 +22,12 @@ METHODS = ("none", "lstsq")  # "none" first: lstsq divides by it
 ROUNDS = 3
 
 
-@pytest.fixture(scope="module")
-def dense():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
-                      num_hidden_layers=4, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=256)
-    return LlamaForCausalLM(cfg).eval()
-
-
 @pytest.mark.parametrize("method", METHODS)
-def test_prune_sub_step(benchmark, bench_record, bench_lookup, dense, method):
+def test_prune_sub_step(benchmark, bench_record, bench_lookup, smollm2_shaped_llama, method):
     calib = torch.randint(0, 49152, (64, 64), generator=torch.Generator().manual_seed(0))
 
     def setup():
-        model = copy.deepcopy(dense)
+        model = copy.deepcopy(smollm2_shaped_llama)
         pruner = AdaptPruner(model, PruneSettings(steps=1, compensate=method), calib)
         target = pruner.original_total - int(round(0.0225 * pruner.original_prunable))
         return (pruner, target), {}

@@ -83,6 +83,18 @@ def evict_caches():
     return evict
 
 
+@pytest.fixture(scope="module")
+def smollm2_shaped_llama():
+    """A random Llama shaped like SmolLM2-135M (hidden 576, 9 query / 3 KV heads, MLP 1536, vocab 49152, tied
+    embeddings) with 4 decoder layers: the pruning benchmarks' stand-in for the real model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                      num_hidden_layers=4, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
 @pytest.fixture
 def bench_record(read_bandwidth):
     """record(benchmark, key, nbytes, **info) -> row: best/median time, GB/s and % of bandwidth.

@@ -6,10 +6,18 @@ import pytest
 import torch
 from tiny_models import make_tiny_model
 
-from adapt_engine import lm_loss
+from adapt_engine import importance, lm_loss
 from adapt_engine.adapters import DecoderAdapter
+from adapt_engine.args import AccelConfig
 from adapt_engine.errors import UsageError
-from adapt_engine.importance import calibration_pass, resolve_calib_dtype
+from adapt_engine.importance import (
+    MATH_ATTENTION_MAX_SEQ,
+    _cpu_has_fast_bf16,
+    calib_autocast,
+    calib_compute_dtype,
+    calibration_pass,
+    resolve_calib_dtype,
+)
 from adapt_engine.pruner import AdaptPruner, PruneSettings
 
 
@@ -80,6 +88,52 @@ def test_bf16_calibration_keeps_fp32_weights_and_scores():
     flat16 = torch.cat([t.flatten() for t in s16.all_tensors()])
     assert torch.corrcoef(torch.stack([flat32, flat16]))[0, 1] > 0.95  # the same ordering, roughly
     assert (raw16 - raw32).abs().max() < 0.05 * raw32.abs().max()
+
+
+def test_short_bf16_windows_use_the_math_attention_kernel(monkeypatch):
+    """Windows of at most MATH_ATTENTION_MAX_SEQ tokens under bf16 on CPU run SDPA's math kernel (faster there, and
+    computed in float32); longer windows and float32 passes keep the flash kernel, and both kernels score alike."""
+    for dtype, seq, flash in (("bfloat16", 64, False), ("bfloat16", MATH_ATTENTION_MAX_SEQ + 1, True),
+                              ("float32", 64, True), ("bfloat16", None, True)):
+        with calib_autocast(dtype, "cpu", torch.float32, seq_len=seq)():
+            assert torch.backends.cuda.flash_sdp_enabled() is flash, (dtype, seq)
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored on exit
+    adapter = DecoderAdapter(make_tiny_model("llama", True))
+    raw_m, s_m, loss_m = calibration_pass(adapter, _calib(), 4, "cosine", "taylor", calib_dtype="bfloat16",
+                                          micro_batch_size=2)
+    monkeypatch.setattr(importance, "MATH_ATTENTION_MAX_SEQ", 0)
+    raw_f, s_f, loss_f = calibration_pass(adapter, _calib(), 4, "cosine", "taylor", calib_dtype="bfloat16",
+                                          micro_batch_size=2)
+    assert abs(loss_m - loss_f) < 1e-2 * loss_f
+    flat_m = torch.cat([t.flatten() for t in s_m.all_tensors()])
+    flat_f = torch.cat([t.flatten() for t in s_f.all_tensors()])
+    assert torch.corrcoef(torch.stack([flat_m, flat_f]))[0, 1] > 0.99
+    assert (raw_m - raw_f).abs().max() < 1e-2 * raw_f.abs().max()
+
+
+def test_bf16_micro_batches_score_like_one_batch():
+    """Under bf16 the weights' casts are kept across a batch's micro-batches (one autocast region per batch) and
+    the backward runs with autocast off: the scores equal one unsplit batch's, up to bf16 rounding."""
+    adapter = DecoderAdapter(make_tiny_model("llama", True))
+    _, whole, loss_whole = calibration_pass(adapter, _calib(), 4, None, "taylor", calib_dtype="bfloat16")
+    _, split, loss_split = calibration_pass(adapter, _calib(), 4, None, "taylor", calib_dtype="bfloat16",
+                                            micro_batch_size=1)
+    assert all(p.grad is None for p in adapter.model.parameters())
+    assert abs(loss_whole - loss_split) < 1e-2 * loss_whole
+    for a, b in zip(whole.all_tensors(), split.all_tensors()):
+        torch.testing.assert_close(b, a, rtol=0.05, atol=1e-3 * float(a.abs().max()))
+
+
+def test_calib_compute_dtype_and_defaults():
+    """`prune` calibrates in bf16 where the device is fast at it (the default since issue 13); accel stays float32;
+    bf16 weights compute in bf16 whatever the flag says."""
+    fast = torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+    assert PruneSettings().calib_dtype == "auto"
+    assert AccelConfig(output="o").prune.calib_dtype == "float32"
+    assert calib_compute_dtype("auto", "cpu", torch.float32) == fast
+    assert calib_compute_dtype("float32", "cpu", torch.float32) == torch.float32
+    assert calib_compute_dtype("bfloat16", "cpu", torch.float32) == torch.bfloat16
+    assert calib_compute_dtype("float32", "cpu", torch.bfloat16) == torch.bfloat16
 
 
 def test_calib_dtype_choices():

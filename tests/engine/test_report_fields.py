@@ -12,7 +12,8 @@ from adapt_engine.cli import main
 
 FIXTURE = Path(__file__).parent / "data" / "reports.json"
 # Fields added since the fixture was captured (documented in README "Commands").
-ADDED = {"prune": {"report_version", "command", "ppl_tokens", "offload", "hidden_size_before", "hidden_size_after"},
+ADDED = {"prune": {"report_version", "command", "ppl_tokens", "offload", "hidden_size_before", "hidden_size_after",
+                   "calib_compute_dtype"},
          "accel": {"report_version", "ppl_before", "ppl_after", "ppl_tokens", "params_after", "hidden_size_before",
                    "hidden_size_after"}}
 
