@@ -9,6 +9,7 @@ scores the moment it exists and free it, so the model's full gradient is never h
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from .kernels import group_saliency
 from .lm_loss import causal_lm_loss
 
 
+@functools.cache  # the CPU's flags do not change: read /proc/cpuinfo once, not at every calibration pass
 def _cpu_has_fast_bf16() -> bool:
     # AMX or AVX512-BF16: bf16 matmuls run 2-3x faster than fp32 there; elsewhere they are emulated.
     try:
@@ -306,8 +308,8 @@ def calib_autocast(calib_dtype: str, device: torch.device | str, weight_dtype: t
     """A factory of the calibration pass's numeric context: autocast (bf16 only over float32 weights), the
     float32 matmul mode (``precision.resolve_fp32_matmul``) and, for bf16 on CPU with windows of at most
     ``MATH_ATTENTION_MAX_SEQ`` tokens, SDPA's math kernel."""
-    amp_dtype = resolve_calib_dtype(calib_dtype, device)
-    enabled = calib_compute_dtype(calib_dtype, device, weight_dtype) != weight_dtype
+    compute = calib_compute_dtype(calib_dtype, device, weight_dtype)
+    enabled = compute != weight_dtype
     mode = precision.resolve_fp32_matmul(fp32_matmul_mode, device)
     device_type = torch.device(device).type
     math_attention = (enabled and device_type == "cpu" and seq_len is not None
@@ -317,7 +319,7 @@ def calib_autocast(calib_dtype: str, device: torch.device | str, weight_dtype: t
     def context():
         with contextlib.ExitStack() as stack:
             stack.enter_context(precision.fp32_matmul(mode))
-            stack.enter_context(torch.autocast(device_type, dtype=amp_dtype, enabled=enabled))
+            stack.enter_context(torch.autocast(device_type, dtype=compute, enabled=enabled))
             if math_attention:
                 stack.enter_context(sdpa_kernel(SDPBackend.MATH))
             yield
@@ -381,6 +383,7 @@ def calibration_pass(
     """
     model = adapter.model
     device = next(model.parameters()).device
+    device_type = torch.device(device).type
     autocast = calib_autocast(calib_dtype, device, next(model.parameters()).dtype, fp32_matmul,
                               seq_len=calib_ids.shape[-1])
     sim = LayerSimilarity(adapter, similarity) if similarity else None
@@ -412,7 +415,7 @@ def calibration_pass(
                     loss = causal_lm_loss(model, ids)
                     if collector is not None:
                         collector.accumulating = k < len(batch) - 1
-                        with torch.autocast(torch.device(device).type, enabled=False):
+                        with torch.autocast(device_type, enabled=False):
                             (loss * weight if weight != 1.0 else loss).backward()
                     batch_loss += float(loss.detach()) * weight
             if collector is not None:
