@@ -22,7 +22,7 @@ from .adapters import DecoderAdapter
 from .args import AGGREGATES, CALIB_DTYPES, GRADIENT_IMPORTANCES, SIMILARITIES
 from .groups import GroupScores, Member, aggregate_members, group_members, member_groups, stem_members
 from .kernels import group_saliency
-from .lm_loss import causal_lm_loss
+from .lm_loss import causal_lm_loss, frozen_head_weight
 
 
 @functools.cache  # the CPU's flags do not change: read /proc/cpuinfo once, not at every calibration pass
@@ -409,10 +409,11 @@ def calibration_pass(
             # from one micro-batch to the next instead of casting every weight again (the backward runs with
             # autocast off, as it would outside the region).
             with autocast():
+                head_weight = frozen_head_weight(model)  # likewise the fused loss's LM head, cast once per batch
                 for k, ids in enumerate(batch):
                     ids = ids.to(device)
                     weight = ids.shape[0] / rows  # equal-length rows: the batch mean is the weighted sum
-                    loss = causal_lm_loss(model, ids)
+                    loss = causal_lm_loss(model, ids, head_weight=head_weight)
                     if collector is not None:
                         collector.accumulating = k < len(batch) - 1
                         with torch.autocast(device_type, enabled=False):

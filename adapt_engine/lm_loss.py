@@ -23,16 +23,32 @@ def shifted_targets(input_ids: torch.Tensor) -> torch.Tensor:
     return F.pad(input_ids[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of predicting tokens 2..L of every row of input_ids (mean or sum over those tokens)."""
+def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, reduction: str = "mean",
+                   head_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of predicting tokens 2..L of every row of input_ids (mean or sum over those tokens).
+
+    ``head_weight`` stands in for the LM head's weight in the fused loss: a copy already cast to the autocast
+    dtype (:func:`frozen_head_weight`), so micro-batches of one batch do not cast the whole head again each."""
     head = fused_lm_head(model)
     if head is None:
         logits = model(input_ids=input_ids, use_cache=False).logits.float()
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1),
                                reduction=reduction)
     hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
-    return linear_cross_entropy(hidden, head.weight, shifted_targets(input_ids), ignore_index=IGNORE_INDEX,
-                                reduction=reduction)
+    return linear_cross_entropy(hidden, head.weight if head_weight is None else head_weight,
+                                shifted_targets(input_ids), ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def frozen_head_weight(model: torch.nn.Module) -> torch.Tensor | None:
+    """The fused LM head's weight cast once to the current autocast dtype, when the head is frozen (no gradient
+    to route back through the cast) and autocast is on; else None (the loss then uses the weight as it is)."""
+    head = fused_lm_head(model)
+    if head is None or head.weight.requires_grad:
+        return None
+    device_type = head.weight.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return head.weight.to(torch.get_autocast_dtype(device_type))
 
 
 def causal_lm_loss_through(forward_model: torch.nn.Module, model: torch.nn.Module,

@@ -300,3 +300,29 @@ def test_carry_needs_a_refit():
     with pytest.raises(UsageError, match="--compensate-carry .* --compensate lstsq"):
         PruneSettings(compensate="none", compensate_carry=0.5).validate()
     PruneSettings(compensate_carry=0.5).validate()
+
+
+@pytest.mark.parametrize("micro", [2, 8])
+def test_bf16_pass_gathers_float32_grams_of_its_exact_inputs(micro):
+    """Under bf16 autocast the down_proj/o_proj inputs are bf16, but the Gram matrices are float32 sums of their
+    exact products (autocast's own bf16 product, rounded per micro-batch, was 0.4 % off and accumulated in bf16)."""
+    model = make_tiny_model("llama")
+    adapter = DecoderAdapter(model)
+    seen: dict[str, list[torch.Tensor]] = {"mlp": [], "attn": []}
+    _, _, _, o = adapter.attention_projections(adapter.layers[0])
+    _, _, down = adapter.mlp_projections(adapter.layers[0])
+    handles = [lin.register_forward_pre_hook(lambda m, a, key=key: seen[key].append(a[0].detach().clone()))
+               for key, lin in (("mlp", down), ("attn", o))]
+    stats = InputStatistics(adapter, "lstsq")
+    try:
+        calibration_pass(adapter, _calib(n=16, length=24), 8, None, "taylor", calib_dtype="bfloat16",
+                         micro_batch_size=micro, observers=(stats,))
+    finally:
+        for h in handles:
+            h.remove()
+    for key, got in (("mlp", stats.mlp[0]), ("attn", stats.attn[0])):
+        assert {x.dtype for x in seen[key]} == {torch.bfloat16}
+        xs = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen[key]]).double()
+        want = xs.T @ xs
+        assert got.dtype == torch.float32
+        assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5

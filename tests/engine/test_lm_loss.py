@@ -7,7 +7,7 @@ import torch
 from tiny_models import make_tiny_model
 
 from adapt_engine.adapters import fused_lm_head
-from adapt_engine.lm_loss import causal_lm_loss, causal_lm_loss_through, shifted_targets
+from adapt_engine.lm_loss import causal_lm_loss, causal_lm_loss_through, frozen_head_weight, shifted_targets
 
 
 def _ids(n=3, length=10, seed=0):
@@ -47,3 +47,31 @@ def test_soft_capped_family_keeps_its_own_loss():
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(causal_lm_loss(model, ids), model(input_ids=ids, labels=ids).loss)
+
+
+@pytest.mark.parametrize("family, gqa", [("llama", True), ("qwen2", False)])  # tied and untied LM head
+def test_head_cast_once_gives_the_same_loss_and_gradients(family, gqa):
+    """Calibration's micro-batches share one bf16 copy of the frozen LM head; loss and every gradient are those
+    of the loss that casts the head itself."""
+    model = make_tiny_model(family, gqa)
+    head = fused_lm_head(model)
+    head.weight.requires_grad_(False)
+    assert frozen_head_weight(model) is None  # autocast off: nothing to cast
+    runs = []
+    for shared in (False, True):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            weight = frozen_head_weight(model) if shared else None
+            assert (weight is not None and weight.dtype == torch.bfloat16) == shared
+            loss = causal_lm_loss(model, _ids(), head_weight=weight)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs.append((float(loss.detach()), grads))
+    (plain_loss, plain), (shared_loss, got) = runs
+    assert shared_loss == plain_loss
+    assert plain.keys() == got.keys()
+    for name in plain:
+        torch.testing.assert_close(got[name], plain[name], rtol=0, atol=0)
+    head.weight.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert frozen_head_weight(model) is None  # a head that learns takes its gradient through its own cast

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from adapt_engine.kernels import linear_cross_entropy, linear_cross_entropy_reference, linear_cross_entropy_torch
-from adapt_engine.kernels.linear_ce import CHUNK_ELEMS, chunk_rows
+from adapt_engine.kernels.linear_ce import CHUNK_ELEMS, ce_rows_torch, chunk_rows
 from linear_ce_cases import CASES, TOL, assert_matches_truth, check_fp32_case, make_inputs, rel_err, run, truth
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -118,6 +118,36 @@ def test_autocast_casts_like_a_linear_layer():
     for g, x in zip(got, want):
         assert rel_err(g, x.double()) <= TOL[torch.bfloat16]
 
+
+
+def test_autocast_takes_a_weight_already_in_its_dtype():
+    """Under autocast a weight cast beforehand (calibration casts its frozen LM head once per batch) may meet a
+    float32 hidden state: both end in bf16, so the result equals the call with the float32 weight."""
+    h, w, t = make_inputs((2, 10), 400, 32, torch.float32, "some", seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = linear_cross_entropy(h, w, t, chunk=7)
+        got = linear_cross_entropy(h, w.bfloat16(), t, chunk=7)
+    assert float(got) == float(want)
+    with pytest.raises(TypeError, match="call under torch.autocast"):  # outside autocast the mismatch is an error
+        linear_cross_entropy(h, w.bfloat16(), t)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_row_kernel_scratch_buffer_changes_nothing(dtype):
+    """16-bit chunks are reduced in a float32 scratch: a given (larger, reused) buffer gives the very same loss and
+    logit gradient as one the kernel allocates."""
+    gen = torch.Generator().manual_seed(1)
+    logits = (4 * torch.randn(6, 301, generator=gen)).to(dtype)
+    targets = torch.tensor([0, 5, -100, 300, 7, 7])
+    scale = torch.full((6,), 0.2)
+    own, shared = logits.clone(), logits.clone()
+    loss_own = ce_rows_torch(own, targets, scale, -100)
+    loss_shared = ce_rows_torch(shared, targets, scale, -100, work=torch.full((9, 301), float("nan")))
+    assert torch.equal(loss_own, loss_shared) and torch.equal(own, shared)
+    probs = torch.softmax(logits.float(), 1)
+    probs[torch.arange(6), targets.clamp(min=0)] -= 1
+    probs[2] = 0  # the ignored row
+    torch.testing.assert_close(own.float(), (probs * 0.2).to(dtype).float(), rtol=0, atol=2e-3)
 
 def test_no_grad_and_inference_give_the_loss_only():
     h, w, t = make_inputs((3, 7), 120, 8, torch.float32, "some")
