@@ -102,7 +102,7 @@ class InputStatistics:
                 x = args[0].detach()
                 x = x.reshape(-1, x.shape[-1])
                 # float32 accumulators: float64 ones doubled the largest buffer of a prune (issue 13) for
-                # rounding of ~1e-7 relative, far below the ridge the solve adds (damp 1: the mean diagonal).
+                # rounding of ~1e-7 relative, far below the ridge the solve adds (default: 0.3 × the mean diagonal).
                 if self.method == "lstsq":
                     with gram_matmul(x):
                         x = x.float()

@@ -62,7 +62,7 @@ from .importance import (
     hidden_out,
 )
 from .kernels import linear_cross_entropy_vocab_chunks
-from .lm_loss import IGNORE_INDEX, causal_lm_loss, shifted_targets
+from .lm_loss import IGNORE_INDEX, causal_lm_loss, frozen_head_weight, shifted_targets
 from .precision import fp32_matmul, resolve_fp32_matmul
 from .prefetch import LayerPrefetcher
 
@@ -632,10 +632,12 @@ def _topped(model: nn.Module, top: torch.Tensor):
     return _tapped(model, [_Tap() for _ in range(n - 1)] + [_Tap(replacement=top)])
 
 
-def _head_loss(model: nn.Module, ids: torch.Tensor, top: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """The model's own loss of ``ids`` with ``top`` as the last decoder layer's output (final norm, LM head)."""
+def _head_loss(model: nn.Module, ids: torch.Tensor, top: torch.Tensor, reduction: str = "mean",
+               head_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's own loss of ``ids`` with ``top`` as the last decoder layer's output (final norm, LM head;
+    ``head_weight`` as in :func:`lm_loss.causal_lm_loss`)."""
     with _topped(model, top):
-        return causal_lm_loss(model, ids, reduction=reduction)
+        return causal_lm_loss(model, ids, reduction=reduction, head_weight=head_weight)
 
 
 def _final_hidden(model: nn.Module, ids: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
@@ -652,10 +654,12 @@ def _head_losses(streamed: StreamedModel, micro: list[torch.Tensor], tops: list[
     losses: list[float] = []
     grads: list[torch.Tensor] = []
     if streamed.head_name is None:  # the head is resident: the model's own loss, micro-batch by micro-batch
+        with autocast():
+            head_weight = frozen_head_weight(model)  # a frozen head cast once, not once per micro-batch
         for ids, top, weight in zip(micro, tops, weights):
             top = top.detach().requires_grad_(want_grad)
             with autocast(), torch.set_grad_enabled(want_grad):
-                loss = _head_loss(model, ids, top, reduction)
+                loss = _head_loss(model, ids, top, reduction, head_weight)
             if want_grad:
                 (loss * weight if weight != 1.0 else loss).backward()
                 grads.append(top.grad)
