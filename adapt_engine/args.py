@@ -251,15 +251,23 @@ class PruneSettings:
                               help="after each cut, refit the kept columns of o_proj/down_proj by ridge least squares "
                               "on the calibration activations (lstsq, default), FLAP-style bias compensation (bias: "
                               "models with o/down biases only), or plain removal (none)")
-    # 0.3 since issue 18's seventh round: better than 1 at both check cells and on a second calibration draw
-    # (docs/quality.md), once the Gram matrices were float32 sums again under bf16 calibration.
-    compensate_damp: float = setting(0.3, minimum=0.0,
-                                     help="ridge of --compensate lstsq, relative to the mean Gram diagonal")
-    calib_resample: bool = setting(False, help="draw fresh calibration windows every sub-step (seed + sub-step)")
-    compensate_carry: float = setting(0.0, minimum=0.0, maximum=1.0,
-                                      help="carry the compensation statistics from sub-step to sub-step, weighted by "
-                                      "this factor at each (0: fresh every sub-step, default); with --calib-resample "
-                                      "each sub-step adds new windows to what the refit sees")
+    # Issue 18's eighth round (docs/quality.md): fresh windows every sub-step with the refit's statistics carried
+    # across sub-steps beat one fixed set at both check cells and on a second calibration draw; with that many
+    # more tokens in each Gram the best ridge is lower (0.1), while a refit from one sub-step's windows alone
+    # keeps 0.3, the seventh round's best. None means that rule.
+    compensate_damp: float | None = setting(None, minimum=0.0,
+                                            help="ridge of --compensate lstsq, relative to the mean Gram diagonal "
+                                            "(default: 0.1 when the statistics are carried across sub-steps, "
+                                            "else 0.3)")
+    calib_resample: bool | None = setting(None, help="draw fresh calibration windows every sub-step (seed + "
+                                          "sub-step); default on when the windows are drawn at random (off with "
+                                          "--calib-indices, which fixes them); --no-calib-resample keeps one set "
+                                          "for every sub-step")
+    compensate_carry: float | None = setting(None, minimum=0.0, maximum=1.0,
+                                             help="carry the compensation statistics from sub-step to sub-step, "
+                                             "weighted by this factor at each (0: fresh every sub-step), so each "
+                                             "refit sees every window drawn so far; default 1 when windows are "
+                                             "redrawn (--calib-resample) and the model is in memory, else 0")
     importance_scale: str = setting("max", choices=IMPORTANCE_SCALES,
                                     help="layer-importance normalisation: divide by max |I| (paper), robust "
                                     "(median/MAD, clipped) or rank")
@@ -339,6 +347,19 @@ class PruneSettings:
         """Whether these settings read calibration data (gradient saliency or adaptive allocation)."""
         return self.importance in GRADIENT_IMPORTANCES or self.allocation == "adaptive" or self.compensate != "none"
 
+    def resolved_refit(self, can_resample: bool, in_memory: bool) -> tuple[bool, float, float]:
+        """(calib_resample, compensate_carry, compensate_damp) with each unset one decided by its default rule:
+        resample when fresh windows can be drawn, carry (1) when they are and the statistics can stay in memory
+        while compensating, and damp 0.1 with carried statistics, 0.3 without."""
+        resample = can_resample if self.calib_resample is None else self.calib_resample
+        carry = self.compensate_carry
+        if carry is None:
+            carry = 1.0 if resample and in_memory and self.compensate != "none" else 0.0
+        damp = self.compensate_damp
+        if damp is None:
+            damp = 0.1 if carry > 0 else 0.3
+        return resample, carry, damp
+
 
 @dataclass
 class PruneRunSettings(CommandSettings):
@@ -365,9 +386,10 @@ class PruneRunSettings(CommandSettings):
     offload: str = setting("auto", choices=OFFLOAD_MODES, math=False,
                            help="layer: one decoder layer in memory at a time (the next one read while it "
                            "computes), read from the model folder's safetensors shards, on the CPU or streamed to "
-                           "--device's GPU (models larger than memory; the same result, no end-of-run bench); "
-                           "none: the whole model in memory; auto (default): layer when the model would take more "
-                           "than half of the available memory (the GPU's free memory on a GPU)")
+                           "--device's GPU (models larger than memory; the same result as --offload none with "
+                           "--compensate-carry 0, no end-of-run bench); none: the whole model in memory; auto "
+                           "(default): layer when the model would take more than half of the available memory (the "
+                           "GPU's free memory on a GPU)")
 
     def validate(self) -> None:
         """UsageError for settings that cannot work together, before anything is loaded."""

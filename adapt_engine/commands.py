@@ -83,9 +83,12 @@ def _prune_with_progress(pruner: AdaptPruner, target: int, steps: int, calib: to
         bar.close()
 
 
-def _report_settings(cfg: PruneRunSettings) -> dict:
-    """The `settings` block of the prune report (the names and order it has always had)."""
-    settings = {**asdict(cfg.prune), "calib_samples": cfg.calib_samples, "calib_seq_len": cfg.calib_seq_len,
+def _report_settings(cfg: PruneRunSettings, pruner: AdaptPruner) -> dict:
+    """The `settings` block of the prune report (the names and order it has always had; the refit's defaults as
+    the pruner resolved them)."""
+    settings = {**asdict(cfg.prune), "calib_resample": pruner.resample, "compensate_carry": pruner.carry,
+                "compensate_damp": pruner.damp,
+                "calib_samples": cfg.calib_samples, "calib_seq_len": cfg.calib_seq_len,
                 "calib_data": cfg.calib_data or "pydoc (built-in, train split)", "sparsity": cfg.sparsity,
                 "target_params": cfg.target_params, "dtype": cfg.dtype, "device": cfg.device}
     if cfg.calib_indices is not None:  # the windows, not the file name: the report alone says what was used
@@ -190,7 +193,7 @@ def _prune_and_report(cfg: PruneRunSettings, model, adapter: DecoderAdapter, str
     if cfg.round_to > 1:
         details["rounding_cost_params"] = params_after - int(target)
     report = RunReport(
-        command="prune", model=cfg.loading.model_name, settings=_report_settings(cfg),
+        command="prune", model=cfg.loading.model_name, settings=_report_settings(cfg, pruner),
         params_before=params_before, params_after=params_after, target_params=int(target),
         widths_before=widths_before, widths_after=[asdict(s) for s in adapter.shapes()],
         ppl_before=before["ppl"] if before else None, ppl_after=after["ppl"] if after else None,

@@ -20,7 +20,8 @@ Statistics come from the same calibration forward pass as the saliency: forward 
 accumulators, autocast off; under bf16 calibration the inputs are exact bf16 values, so on CPU it runs in oneDNN's
 bf16 mode at float32 accuracy, :func:`gram_matmul`; the solve is in float64). Memory:
 ``4·(intermediate² + (heads·head_dim)²)`` bytes per layer — 323 MB for SmolLM2-135M (30 × (1536² + 576²) × 4 B),
-freed after the cut. ``bias`` keeps only the per-input sums.
+freed after the cut, or, carried (``--compensate-carry``, the in-memory default), cut to the kept inputs and added
+into by the next sub-step's pass. ``bias`` keeps only the per-input sums.
 """
 
 from __future__ import annotations
@@ -101,8 +102,8 @@ class InputStatistics:
             with torch.no_grad():
                 x = args[0].detach()
                 x = x.reshape(-1, x.shape[-1])
-                # float32 accumulators: float64 ones doubled the largest buffer of a prune (issue 13) for
-                # rounding of ~1e-7 relative, far below the ridge the solve adds (default: 0.3 × the mean diagonal).
+                # float32 accumulators: float64 ones doubled the largest buffer of a prune (issue 13) for rounding
+                # of ~1e-7 relative, far below the ridge the solve adds (default: 0.1 or 0.3 × the mean diagonal).
                 if self.method == "lstsq":
                     with gram_matmul(x):
                         x = x.float()

@@ -68,7 +68,9 @@ class AdaptPruner:
         self.calib_sampler = calib_sampler
         if settings.calib_resample and calib_sampler is None:
             raise UsageError("calib_resample needs a calib_sampler that draws fresh windows for each sub-step")
-        check_compensation(self.adapter, settings.compensate, settings.compensate_damp)
+        # Unset (None) resample, carry and damp follow their default rules (PruneSettings.resolved_refit).
+        self.resample, self.carry, self.damp = settings.resolved_refit(calib_sampler is not None, streamed is None)
+        check_compensation(self.adapter, settings.compensate, self.damp)
         if streamed is not None and settings.compensate_carry:
             raise UsageError("--compensate-carry keeps every layer's statistics in memory between sub-steps; it is "
                              "not available with --offload layer (drop one of the two)")
@@ -178,9 +180,9 @@ class AdaptPruner:
         if self.streamed is None:
             if stats is not None:
                 stats.reduce_across_ranks()
-                compensate_plan(self.adapter, plan, stats, s.compensate_damp, s.mlp_select)
+                compensate_plan(self.adapter, plan, stats, self.damp, s.mlp_select)
             apply_plan(self.adapter, plan, optimizer)
-            if stats is not None and s.compensate_carry:
+            if stats is not None and self.carry:
                 stats.keep(plan)
                 self._carried = stats
             return
@@ -198,7 +200,7 @@ class AdaptPruner:
                             with layer_stats.attached([j]):
                                 self.streamed.replay(j)
                             layer_stats.reduce_across_ranks()
-                        compensate_layer(self.adapter, j, keep, layer_stats, s.compensate_damp, s.mlp_select)
+                        compensate_layer(self.adapter, j, keep, layer_stats, self.damp, s.mlp_select)
                     prune_layer(self.adapter, j, keep)
                     self.streamed.rewrite(j, self.scratch)
         self.streamed.forget_inputs()
@@ -221,11 +223,11 @@ class AdaptPruner:
         t0 = time.perf_counter()
         s = self.settings
         trim_heap()  # the last sub-step freed every weight and statistic it resized: give their pages back first
-        if s.calib_resample and self.history:
+        if self.resample and self.history:
             self.calib_ids = self.calib_sampler(len(self.history))
         stats = InputStatistics(self.adapter, s.compensate) if s.compensate != "none" else None
         if stats is not None and self._carried is not None:
-            stats.start_from(self._carried, s.compensate_carry)
+            stats.start_from(self._carried, self.carry)
         self._carried = None
         if stats is not None and self.streamed is not None and not self._statistics_fit():
             stats = None  # streamed: each layer's statistics are gathered when it is cut (replay)

@@ -127,6 +127,8 @@ def leaves(cls, defaults: Any = None, path: tuple[str, ...] = (), exclude: tuple
 def _argparse_kwargs(leaf: Leaf) -> dict:
     spec = leaf.spec
     if leaf.kind is bool:
+        if leaf.default is None:  # three states: --flag, --no-flag, or neither (the setting then decides)
+            return {"action": argparse.BooleanOptionalAction, "default": None, "help": spec.help}
         return {"action": "store_true", "help": spec.help}
     kw: dict[str, Any] = {"help": spec.help}
     if leaf.default is MISSING:

@@ -19,6 +19,11 @@ def _jsonable(v):
     return repr(v)
 
 
+def _name(a: argparse.Action) -> str:
+    """A flag's long name (``--calib-resample`` for a ``--calib-resample/--no-calib-resample`` pair)."""
+    return next((o for o in a.option_strings if o.startswith("--")), a.dest)
+
+
 def command_spec(parser: argparse.ArgumentParser) -> dict:
     """{command: {"flags": {flag: fields}, "exclusive": [[flags...], ...]}} of a parser with sub-commands."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -28,7 +33,7 @@ def command_spec(parser: argparse.ArgumentParser) -> dict:
         for a in p._actions:
             if isinstance(a, argparse._HelpAction):
                 continue
-            key = a.option_strings[-1] if a.option_strings else a.dest
+            key = _name(a)
             flags[key] = {
                 "option_strings": list(a.option_strings),
                 "dest": a.dest,
@@ -42,8 +47,8 @@ def command_spec(parser: argparse.ArgumentParser) -> dict:
                 "action": type(a).__name__,
                 "help": a.help,
             }
-        groups = [sorted(x.option_strings[-1] for x in g._group_actions) for g in p._mutually_exclusive_groups]
+        groups = [sorted(_name(x) for x in g._group_actions) for g in p._mutually_exclusive_groups]
         out[name] = {"flags": flags, "exclusive": sorted(groups),
-                     "exclusive_required": sorted(sorted(x.option_strings[-1] for x in g._group_actions)
+                     "exclusive_required": sorted(sorted(_name(x) for x in g._group_actions)
                                                   for g in p._mutually_exclusive_groups if g.required)}
     return out

@@ -11,11 +11,12 @@ VOLATILE = {"wall_seconds", "peak_rss_mb", "model", "time", "seconds", "output",
 
 
 def prune_argv(model_dir: Path, out: Path) -> list[str]:
-    """`adapt-engine prune` on the tiny model, two sub-steps (plain removal and float32 calibration: the fixture
-    predates the --compensate lstsq and --calib-dtype auto defaults, which change the values on purpose)."""
+    """`adapt-engine prune` on the tiny model, two sub-steps (plain removal, float32 calibration and one set of
+    windows: the fixture predates the --compensate lstsq, --calib-dtype auto and --calib-resample defaults, which
+    change the values on purpose)."""
     return ["prune", "--model", str(model_dir), "--output", str(out), "--sparsity", "0.3", "--steps", "2",
             "--calib-samples", "8", "--calib-seq-len", "16", "--eval-tokens", "256", "--no-bench",
-            "--compensate", "none", "--calib-dtype", "float32"]
+            "--compensate", "none", "--calib-dtype", "float32", "--no-calib-resample"]
 
 
 def accel_argv(model_dir: Path, out: Path) -> list[str]:

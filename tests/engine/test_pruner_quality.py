@@ -48,6 +48,37 @@ def test_resample_without_a_sampler_is_a_clear_error():
         AdaptPruner(make_tiny_model("llama"), PruneSettings(calib_resample=True), _calib())
 
 
+@pytest.mark.parametrize(("settings", "can_resample", "in_memory", "expected"), [
+    ({}, True, True, (True, 1.0, 0.1)),  # the CLI's random windows, in memory: redraw, carry, lighter ridge
+    ({}, True, False, (True, 0.0, 0.3)),  # --offload layer keeps no statistics between sub-steps
+    ({}, False, True, (False, 0.0, 0.3)),  # fixed windows (--calib-indices, search trials, accel)
+    ({"calib_resample": False}, True, True, (False, 0.0, 0.3)),
+    ({"compensate": "none"}, True, True, (True, 0.0, 0.3)),
+    ({"compensate_damp": 1.0}, True, True, (True, 1.0, 1.0)),
+    ({"compensate_carry": 0.5}, True, True, (True, 0.5, 0.1)),
+    ({"compensate_carry": 0.0}, True, True, (True, 0.0, 0.3)),
+])
+def test_refit_defaults_follow_their_rule_and_explicit_values_win(settings, can_resample, in_memory, expected):
+    assert PruneSettings(**settings).resolved_refit(can_resample, in_memory) == expected
+
+
+def test_default_prune_resamples_and_carries_in_memory_only(tmp_path, tiny_model_dir):
+    """The report names the values the run used; --no-calib-resample turns the redraw (and so the carry) off."""
+    used = {}
+    for name, extra in (("memory", []), ("layer", ["--offload", "layer"]), ("fixed", ["--no-calib-resample"])):
+        out = tmp_path / name
+        assert main(["prune", "--model", str(tiny_model_dir), "--output", str(out), "--steps", "2", "--sparsity",
+                     "0.3", "--calib-samples", "8", "--calib-seq-len", "16", "--eval-tokens", "0", "--no-bench",
+                     *extra]) == 0
+        s = json.loads((out / "pruning_report.json").read_text())["settings"]
+        used[name] = (s["calib_resample"], s["compensate_carry"], s["compensate_damp"])
+    assert used == {"memory": (True, 1.0, 0.1), "layer": (True, 0.0, 0.3), "fixed": (False, 0.0, 0.3)}
+    parse = build_parser().parse_args
+    base = ["prune", "--output", "x", "--sparsity", "0.2"]
+    assert [parse(base + f).calib_resample for f in ([], ["--calib-resample"], ["--no-calib-resample"])] == \
+        [None, True, False]
+
+
 @pytest.mark.parametrize("field,value,flag", [("compensate", "ols", "--compensate"),
                                               ("compensate_damp", -0.1, "--compensate-damp"),
                                               ("importance_scale", "zscore", "--importance-scale")])
